@@ -152,6 +152,42 @@ def test_sampling_distribution_matches_softmax(tmp_path, temperature, top_p, top
     assert keep.sum() < 24 or (top_p == 1.0 and not top_k)  # the truncation cases do truncate
 
 
+def _nucleus_by_sorting(x: np.ndarray, top_p: float) -> np.ndarray:
+    """The textbook definition: sort, keep while the mass strictly above is < top_p."""
+    keep = np.zeros_like(x, bool)
+    for r, row in enumerate(x):
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        order = np.argsort(-row, kind="stable")
+        before = np.cumsum(p[order]) - p[order]
+        cut = row[order][before < top_p].min()
+        keep[r] = row >= cut  # ties with the cutoff stay
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+def test_top_p_mask_equals_sorting(scale):
+    """The sort-free nucleus (top-64 fast path, bisection fallback) keeps exactly the
+    tokens the sort-and-cumsum definition keeps: flat rows (hundreds of tokens in the
+    nucleus, fallback) and peaked rows (fast path), ties and -inf entries included."""
+    from fem_jax.rollout.jax_engine import _top_p_keep
+
+    rng = np.random.default_rng(int(scale * 10))
+    x = (rng.standard_normal((6, 500)) * scale).astype(np.float32)
+    x[0, :40] = x[0, 0]  # a tie straddling the cutoff
+    x[1, ::3] = -np.inf  # top-k leftovers
+    x = np.round(x, 2)  # more ties
+    for top_p in (0.5, 0.9, 0.99):
+        got = np.asarray(jax.jit(_top_p_keep)(x, np.float32(top_p)))
+        want = _nucleus_by_sorting(x.astype(np.float64), top_p)
+        assert (got == want).all(), (top_p, got.sum(1), want.sum(1))
+    sizes = _nucleus_by_sorting(x.astype(np.float64), 0.9).sum(1)
+    if scale == 0.3:
+        assert (sizes > 64).any()  # the bisection fallback ran
+    if scale == 12.0:
+        assert (sizes <= 64).all()  # the top-64 fast path alone
+
+
 def test_compacting_finished_rows_changes_nothing(pair):
     """Rows that stop early are dropped from the batch mid-generation; the samples are the
     same as when every row runs to the end of the batch."""

@@ -5,13 +5,18 @@ scaling), so one module covers both, the way levanter's Qwen reuses its Llama.
 
 Layers are stacked: every per-layer weight has a leading `layers` axis and the decoder
 runs them with `jax.lax.scan`. That keeps compile time flat in depth (SmolLM2 has 30
-layers) and lets one sharding table place whole stacks.
+layers) and lets one sharding table place whole stacks. On CPU the scan copies each
+layer's weight slice before its matmul, which costs as much as the matmul itself when
+a decode step has few tokens; `unstack_layers` gives the per-layer form (`layers`: a
+tuple of per-layer dicts) that `forward` runs with a Python loop instead. The rollout
+engine keeps its weights that way.
 
 Shapes, with letters: b batch, t query tokens, s key slots, d model width, n query
 heads, k kv heads, g query heads per kv head, h head dim, f mlp width, v vocab, l layers.
 
 The KV cache is an explicit fixed-shape pytree (`init_cache`) that `__call__` takes and
-returns; slot `cache_index + j` receives the j-th input token. A query at slot q sees the
+returns; slot `cache_index + j` receives the j-th input token. Keys and values are kept
+(b, k, s, h), the layout the attention matmuls read without a transpose. A query at slot q sees the
 key slots s <= q whose mask bit is set, so left padding and decoding share one rule.
 """
 
@@ -227,24 +232,29 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q (b, t, n, h), k/v (b, s, k, h), mask (b, t, s) bool -> (b, t, n, h)."""
+    """q (b, t, n, h), k/v (b, k, s, h), mask (b, t, s) bool -> (b, t, n*h).
+
+    The output is transposed as an activation, here, and flattened for a 2-D output
+    projection: left to choose, XLA on CPU transposes the (n, h, d) weight instead, at
+    every call."""
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, n // kv, h)  # (b, t, kv, group, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (h**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     w = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", w, v)
-    return out.reshape(b, t, n, h)
+    out = jnp.einsum("bkgts,bksh->bkgth", w, v)  # the matmul's own output order
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)  # (b, t, n*h): heads flattened
 
 
 def decoder_layer(
     cfg: ModelConfig, lp: dict[str, Array], x: Array, cos: Array, sin: Array,
     mask: Array, kv: tuple[Array, Array, Array] | None, cache_index,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
-    """One pre-norm decoder layer. `lp` holds this layer's weights (no `layers` axis);
-    `kv` is (cache k, cache v, layer index) or None."""
+    """One pre-norm decoder layer. `lp` holds this layer's weights (no `layers` axis).
+    `kv` is None, or (cache k, cache v, layer index) with the stacked (l, b, k, s, h)
+    cache, or (cache k, cache v, None) with this layer's own (b, k, s, h) cache."""
     with jax.named_scope("attention"):
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q = jnp.einsum("btd,dnh->btnh", h, lp["wq"])
@@ -253,15 +263,23 @@ def decoder_layer(
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # the whole (l, b, s, k, h) cache rides in the scan carry: updated in place
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, k, t, h)
+        if kv is not None:
             ck, cv, layer = kv
-            idx = (layer, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), idx)
+            if layer is None:  # this layer's own cache
+                idx = (0, 0, cache_index, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
+                k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+            else:  # the whole stacked cache rides in the scan carry: updated in place
+                idx = (layer, 0, 0, cache_index, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), idx)
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), idx)
+                k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
+                v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
             kv = (ck, cv, layer)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
-        o = jnp.einsum("btnh,nhd->btd", attention(q, k, v, mask), lp["wo"])
+        wo = lp["wo"]
+        o = jnp.einsum("bte,ed->btd", attention(q, k, v, mask), wo.reshape(-1, wo.shape[-1]))
         if cfg.o_bias:
             o = o + lp["bo"]
         x = x + o
@@ -278,13 +296,20 @@ def decoder_layer(
     return x, kv
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, Array]:
-    """A static KV cache: k/v (l, b, s, k, h), the per-slot validity mask (b, s) and the
-    next position of each row (b,)."""
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+               per_layer: bool = False) -> dict[str, Any]:
+    """A static KV cache: k/v (l, b, k, s, h) — or, with `per_layer` (for per-layer
+    weights, see `unstack_layers`), tuples of l arrays (b, k, s, h) — the per-slot
+    validity mask (b, s) and the next position of each row (b,)."""
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    else:
+        k = v = jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": k,
+        "v": v,
         "mask": jnp.zeros((batch, max_len), jnp.bool_),
         "pos": jnp.zeros((batch,), jnp.int32),
     }
@@ -335,6 +360,34 @@ def forward(
         s = cache["mask"].shape[1]
     mask = (jnp.arange(s)[None, None, :] <= q_slot[None, :, None]) & kv_mask[:, None, :]  # (b, t, s)
 
+    if "layers" in params:  # per-layer weights (unstack_layers): a Python loop over layers
+        ks, vs = [], []
+        for i, lp in enumerate(params["layers"]):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i], None)
+            x, kv = decoder_layer(cfg, lp, x, cos, sin, mask, kv, cache_index)
+            x = pin(x, ("batch", "seq", "act_embed"))
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        kv_out = [tuple(ks), tuple(vs)]
+    else:
+        x, kv_out = _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, remat, pin)
+
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = {
+            "k": kv_out[0], "v": kv_out[1], "mask": kv_mask,
+            "pos": start + jnp.sum(attention_mask, axis=1, dtype=jnp.int32),
+        }
+    if return_hidden:
+        return x, new_cache
+    with jax.named_scope("lm_head"):
+        logits = lm_logits(cfg, params, x)
+    return logits, new_cache
+
+
+def _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, remat, pin):
     stacked = {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("layers/")}
 
     def body(carry, xs):
@@ -350,19 +403,18 @@ def forward(
     carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
     with jax.named_scope("layers"):
         (x, *kv_out), _ = jax.lax.scan(body, carry, (stacked, jnp.arange(cfg.num_hidden_layers)))
+    return x, kv_out
 
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    new_cache = None
-    if cache is not None:
-        new_cache = {
-            "k": kv_out[0], "v": kv_out[1], "mask": kv_mask,
-            "pos": start + jnp.sum(attention_mask, axis=1, dtype=jnp.int32),
-        }
-    if return_hidden:
-        return x, new_cache
-    with jax.named_scope("lm_head"):
-        logits = lm_logits(cfg, params, x)
-    return logits, new_cache
+
+def unstack_layers(params: dict[str, Array]) -> dict[str, Any]:
+    """Stacked parameters -> the per-layer form `forward` also takes: the non-layer
+    entries as they are, plus `layers`, a tuple of dicts of this layer's weights. A copy
+    of the layer weights (call it under jit to make it one program)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers/")}
+    stacked = {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("layers/")}
+    n = next(iter(stacked.values())).shape[0]
+    out["layers"] = tuple({k: v[i] for k, v in stacked.items()} for i in range(n))
+    return out
 
 
 def lm_logits(cfg: ModelConfig, params: dict[str, Array], x: Array) -> Array:
