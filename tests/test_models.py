@@ -170,6 +170,23 @@ def test_legacy_config_layout_loads_the_same(built):
     assert_close(legacy(ids), hf_logits(hf, ids))
 
 
+def test_loading_in_row_blocks_is_exact(built, monkeypatch):
+    """One device: the embedding and an untied lm_head (transposed) are written into the
+    device array in blocks of rows, each layer in place; blocks of 7 rows give the very
+    same parameters as the whole tensors, and the weights equal transformers' own."""
+    from fem_jax.models import hf as hf_io
+
+    hf, folder, model = built("llama-gqa2-untied")
+    monkeypatch.setattr(hf_io, "_BLOCK_BYTES", 7 * model.cfg.hidden_size * 4)
+    blocked = from_pretrained(folder).param_dict()
+    for k, v in model.param_dict().items():
+        assert np.array_equal(np.asarray(v), np.asarray(blocked[k])), k
+    sd = hf.state_dict()
+    assert np.array_equal(np.asarray(blocked["embed"]), sd["model.embed_tokens.weight"].numpy())
+    assert np.array_equal(np.asarray(blocked["lm_head"]), sd["lm_head.weight"].numpy().T)
+    assert np.array_equal(np.asarray(blocked["layers/w_up"][1]), sd["model.layers.1.mlp.up_proj.weight"].numpy().T)
+
+
 def test_bfloat16_close_to_float32(built):
     hf, folder, model = built("qwen2-gqa2")
     bf = from_pretrained(folder, dtype="bfloat16")

@@ -1,10 +1,12 @@
 """Hugging Face checkpoints in and out: one name table, read tensor by tensor.
 
 `from_pretrained` builds the module abstractly (no random init), then fills each
-parameter with `jax.make_array_from_callback`: every device shard is read straight
-from the memory-mapped safetensors files, one Hugging Face tensor at a time, so host
-memory holds at most one parameter stack beyond the model itself, and with a mesh no
-host copy of the whole model is ever made.
+parameter one Hugging Face tensor at a time. On one device, each parameter starts as
+zeros on the device and every layer (or block of embedding rows) is written into it in
+place (a donated update): host memory holds one block beyond the model. With a mesh,
+`jax.make_array_from_callback` reads each device's shard straight from the files. Each
+read opens the safetensors file and closes it again, so the file's pages do not stay
+mapped into the process.
 
 `save_pretrained` walks the same table backwards, one layer tensor at a time, into
 safetensors shards of bounded size, writes into a temporary folder and renames it.
@@ -12,6 +14,7 @@ safetensors shards of bounded size, writes into a temporary folder and renames i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -112,26 +115,43 @@ class SafetensorsReader:
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         self.weight_map = weight_map
-        self._open: dict[str, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> np.ndarray:
+    def _file(self, name: str) -> Path:
         if name not in self.weight_map:
             raise KeyError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
-        fname = self.weight_map[name]
-        if fname not in self._open:
-            file = self.path / fname
-            if not file.exists():
-                raise FileNotFoundError(f"{file}: shard named in the index is missing")
-            self._open[fname] = safe_open(file, "numpy")
-        return self._open[fname].get_tensor(name)
+        file = self.path / self.weight_map[name]
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: shard named in the index is missing")
+        return file
+
+    def get(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor (or rows `rows` of it), read from a freshly opened file: closing
+        it unmaps the pages read, which would otherwise count in the process's memory
+        until the whole load ends."""
+        with safe_open(self._file(name), "numpy") as f:
+            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        with safe_open(self._file(name), "numpy") as f:
+            return tuple(f.get_slice(name).get_shape())
 
 
 def _table_for(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     shapes = param_shapes(cfg)
     return [row for row in NAME_TABLE if row[1] in shapes]
+
+
+# Host bytes read at once for an unstacked tensor (the embedding): rows in blocks.
+_BLOCK_BYTES = 64 << 20
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _place(out: jax.Array, block: jax.Array, start: tuple) -> jax.Array:
+    """Write `block` into `out` at `start`, in place (`out` is donated)."""
+    return jax.lax.dynamic_update_slice(out, block.astype(out.dtype), start)
 
 
 def load_params(
@@ -147,27 +167,60 @@ def load_params(
         if ours == "lm_head" and hf_name not in reader:
             raise KeyError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
         stacked = "{i}" in hf_name
+        want = shape[1:] if stacked else shape
         cache: dict[int, np.ndarray] = {}
 
-        def layer(i: int, hf_name=hf_name, layout=layout, shape=shape) -> np.ndarray:
+        def layer(i: int, hf_name=hf_name, layout=layout, want=want) -> np.ndarray:
+            """This layer's tensor in our layout and dtype (i = -1: the unstacked one)."""
             if i not in cache:  # several shards of one device callback may ask for one layer
                 cache.clear()
-                a = reader.get(hf_name.format(i=i))
-                want = shape[1:] if stacked else shape
-                a = _to_ours(a, layout, want)
+                a = _to_ours(reader.get(hf_name.format(i=i)), layout, want)
                 if a.shape != tuple(want):
                     raise ValueError(f"{path}: {hf_name.format(i=i)} has shape {a.shape} after "
                                      f"layout {layout}, expected {tuple(want)}")
-                cache[i] = a.astype(dt)
+                cache[i] = a.astype(dt, copy=False)
             return cache[i]
+
+        sharding = sharding_for(ours)
+        if len(sharding.device_set) == 1:
+            out[ours] = _fill_in_place(reader, hf_name, layout, shape, stacked, layer, sharding, dt, path)
+            continue
 
         def fetch(index, stacked=stacked, layer=layer, shape=shape) -> np.ndarray:
             if not stacked:
                 return layer(-1)[index]
             rows = range(*index[0].indices(shape[0]))
-            return np.stack([layer(i)[index[1:]] for i in rows])
+            block = np.empty((len(rows), *layer(rows[0])[index[1:]].shape), dt)
+            for j, i in enumerate(rows):
+                block[j] = layer(i)[index[1:]]
+            return block
 
-        out[ours] = jax.make_array_from_callback(shape, sharding_for(ours), fetch)
+        out[ours] = jax.make_array_from_callback(shape, sharding, fetch)
+    return out
+
+
+def _fill_in_place(reader, hf_name, layout, shape, stacked, layer, sharding, dt, path) -> jax.Array:
+    """One device: zeros on the device, then each layer (stacked) or block of rows
+    (unstacked `copy`/`T` tensors, e.g. the embedding) written in place."""
+    out = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)()
+    zero = np.int32(0)
+    if stacked:
+        for i in range(shape[0]):
+            out = _place(out, layer(i)[None], (np.int32(i),) + (zero,) * (len(shape) - 1))
+        return out
+    if layout not in ("copy", "T") or len(shape) != 2:
+        return _place(out, layer(-1), (zero,) * len(shape))
+    hf_shape = reader.shape(hf_name)
+    if tuple(hf_shape[::-1] if layout == "T" else hf_shape) != tuple(shape):
+        raise ValueError(f"{path}: {hf_name} has shape {tuple(hf_shape)}, expected "
+                         f"{tuple(shape[::-1] if layout == 'T' else shape)}")
+    step = max(1, _BLOCK_BYTES // (hf_shape[1] * dt.itemsize))
+    for a in range(0, hf_shape[0], step):
+        block = reader.get(hf_name, slice(a, min(a + step, hf_shape[0]))).astype(dt, copy=False)
+        if layout == "T":
+            out = _place(out, block.T, (zero, np.int32(a)))
+        else:
+            out = _place(out, block, (np.int32(a), zero))
     return out
 
 
