@@ -85,9 +85,12 @@ def compare(results: Mapping[str, Mapping[int, Sequence[Mapping]]], out: Path) -
                 for rows in by_seed.values()]
         n = len(best)
         mean = sum(best) / n
-        se = math.sqrt(sum((b - mean) ** 2 for b in best) / (n - 1) / n) if n > 1 else float("nan")
         per = ", ".join(f"{s}: {b:.3f}" for s, b in zip(by_seed, best))
-        lines.append(f"| {scheme} | {mean:.3f} ± {se:.3f} | {n} | {per} |")
+        if n > 1:  # one seed has no spread to report
+            se = math.sqrt(sum((b - mean) ** 2 for b in best) / (n - 1) / n)
+            lines.append(f"| {scheme} | {mean:.3f} ± {se:.3f} | {n} | {per} |")
+        else:
+            lines.append(f"| {scheme} | {mean:.3f} | {n} | {per} |")
     text = "\n".join(lines)
     atomic_write_text(Path(out) / "comparison.md", "# Scheme comparison\n\n" + text + "\n")
     _plot_compare(results, Path(out) / "comparison.png")
