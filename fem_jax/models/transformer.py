@@ -16,8 +16,9 @@ heads, k kv heads, g query heads per kv head, h head dim, f mlp width, v vocab, 
 
 The KV cache is an explicit fixed-shape pytree (`init_cache`) that `__call__` takes and
 returns; slot `cache_index + j` receives the j-th input token. Keys and values are kept
-(b, k, s, h), the layout the attention matmuls read without a transpose. A query at slot q sees the
-key slots s <= q whose mask bit is set, so left padding and decoding share one rule.
+(b, k, s, h), the layout the attention matmuls read without a transpose. A query at
+slot q sees the key slots s <= q whose mask bit is set, so left padding and decoding
+share one rule.
 """
 
 from __future__ import annotations
@@ -387,8 +388,13 @@ def forward(
     return logits, new_cache
 
 
+def _layer_stacks(params: dict[str, Array]) -> dict[str, Array]:
+    """The stacked per-layer weights, by name without the `layers/` prefix."""
+    return {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("layers/")}
+
+
 def _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, remat, pin):
-    stacked = {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("layers/")}
+    stacked = _layer_stacks(params)
 
     def body(carry, xs):
         x, ck, cv = carry
@@ -411,7 +417,7 @@ def unstack_layers(params: dict[str, Array]) -> dict[str, Any]:
     entries as they are, plus `layers`, a tuple of dicts of this layer's weights. A copy
     of the layer weights (call it under jit to make it one program)."""
     out = {k: v for k, v in params.items() if not k.startswith("layers/")}
-    stacked = {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("layers/")}
+    stacked = _layer_stacks(params)
     n = next(iter(stacked.values())).shape[0]
     out["layers"] = tuple({k: v[i] for k, v in stacked.items()} for i in range(n))
     return out

@@ -17,8 +17,9 @@ How a call runs:
 Weights are a jit argument, not a constant: `update(params)` swaps them without a
 recompile. The engine keeps its own per-layer copy of them (`unstack_layers`), the form
 that decodes fastest on CPU; the sampler's nucleus (top-p) cut avoids sorting the
-vocabulary, the slowest op of a CPU decode step otherwise. Returned log-probabilities are those of the model's own distribution (the raw
-logits' log-softmax), as vLLM's default; temperature, top-k and top-p shape only the draw.
+vocabulary, the slowest op of a CPU decode step otherwise. Returned log-probabilities
+are those of the model's own distribution (the raw logits' log-softmax), as vLLM's
+default; temperature, top-k and top-p shape only the draw.
 """
 
 from __future__ import annotations
@@ -182,8 +183,11 @@ class JaxEngine:
                  eos_token_ids: Sequence[int] | None = None, min_prompt_bucket: int = 16,
                  min_compact_batch: int = 8):
         self.cfg = model.cfg
-        self.params = model.param_dict()
-        self._layer_params = _unstack(self.params)
+        params = model.param_dict()
+        # only the shapes and dtypes of the stacked weights are kept (to check updates): the
+        # engine decodes from its own per-layer copy and holds no reference to the caller's
+        self._spec = {k: (v.shape, v.dtype) for k, v in params.items()}
+        self._layer_params = _unstack(params)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.chunk = chunk
@@ -205,11 +209,10 @@ class JaxEngine:
     def update(self, params) -> None:
         """New weights of the same shapes, dtypes and shardings: no recompilation."""
         new = dict(params)
-        for k, v in self.params.items():
-            if new[k].shape != v.shape or new[k].dtype != v.dtype:
-                raise ValueError(f"update: parameter {k} changed from {v.shape}/{v.dtype} "
+        for k, (shape, dtype) in self._spec.items():
+            if new[k].shape != shape or new[k].dtype != dtype:
+                raise ValueError(f"update: parameter {k} changed from {shape}/{dtype} "
                                  f"to {new[k].shape}/{new[k].dtype}")
-        self.params = new
         self._layer_params = _unstack(new)
 
     @property
@@ -251,7 +254,7 @@ class JaxEngine:
         samp = (jnp.float32(max(sp.temperature, 1e-6)), jnp.float32(sp.top_p))
         self.shapes_compiled.add(("prefill", b, p, s))
 
-        cache = init_cache(self.cfg, b, s, self.params["embed"].dtype, per_layer=True)
+        cache = init_cache(self.cfg, b, s, self._spec["embed"][1], per_layer=True)
         logits, cache = _prefill(self.cfg, self._layer_params, jnp.asarray(ids), jnp.asarray(mask), cache)
         done = jnp.asarray(np.arange(b) >= real)
         n_chunks = -(-sp.max_new_tokens // self.chunk)
