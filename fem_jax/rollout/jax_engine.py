@@ -61,8 +61,8 @@ def _top_p_keep(x, top_p):
     """Nucleus mask (b, v): keep the smallest set of highest-probability tokens whose mass
     reaches `top_p` (ties at the cutoff kept), as the sort-and-cumsum definition would.
 
-    Sorting the vocabulary is by far the slowest thing on CPU (170 ms for 16 x 49k), so
-    the cutoff is found among the top 64 tokens when they hold `top_p` of the mass (the
+    Sorting the vocabulary was the slowest op of a CPU decode step (a profile of
+    SmolLM2 at batch 16 put it above the whole forward pass), so the cutoff is found among the top 64 tokens when they hold `top_p` of the mass (the
     usual case), and otherwise by a bisection over the ordered bit pattern of the logits
     (32 passes, exact).
     """
@@ -110,8 +110,8 @@ def _sample(logits, key, temperature, top_p, greedy: bool, use_top_p: bool, top_
 def _inverse_cdf_draw(x, key):
     """One token per row from softmax(x) by inverting the cumulative distribution with
     one uniform per row: a few passes over the vocabulary, where Gumbel-max
-    (`jax.random.categorical`) draws a random number per token (6x slower at 64 x 49k on
-    CPU). Each token's interval [c_{j-1}, c_j) has its probability up to one float32
+    (`jax.random.categorical`) draws a random number per token, several times slower on
+    CPU. Each token's interval [c_{j-1}, c_j) has its probability up to one float32
     rounding of the running sum; tokens of zero probability have empty intervals."""
     w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
     c = jnp.cumsum(w, axis=-1)
