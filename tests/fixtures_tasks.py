@@ -42,6 +42,11 @@ HELPSTEER2 = {
 }
 
 
+def hs2_rows(n: int, tag: str) -> list[dict]:
+    """n HelpSteer2 rows with distinct prompts ("<tag> question <i>") and scores cycling 0-4."""
+    return [_hs2(f"{tag} question {i}", f"{tag} answer {i}", tuple((i + k) % 5 for k in range(5))) for i in range(n)]
+
+
 def write_helpsteer2(folder: Path, rows: dict | None = None) -> Path:
     """`train.jsonl.gz` and `validation.jsonl.gz` as in nvidia/HelpSteer2."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fixtures_tasks import GSM8K, HELPSTEER2, MATH, write_gsm8k, write_helpsteer2, write_math, write_summarize
+from fixtures_tasks import (GSM8K, HELPSTEER2, MATH, hs2_rows, write_gsm8k, write_helpsteer2, write_math,
+                            write_summarize)
 from fem_jax.tasks import TASKS, get_task
 from fem_jax.tasks.judge import render_conversation
 
@@ -82,7 +83,7 @@ def test_arithmetic_knobs_and_errors():
 
 def test_helpsteer2_fixture_loads_with_multi_turn(tmp_path):
     write_helpsteer2(tmp_path)
-    t = get_task("helpsteer2", path=str(tmp_path), metric="verbosity")
+    t = get_task("helpsteer2", path=str(tmp_path), metric="verbosity", pool=False)  # the dataset's own splits
     train, test = t.load("train"), t.load("test")
     assert len(train) == len(HELPSTEER2["train"]) and len(test) == len(HELPSTEER2["validation"])
     assert [e.gold for e in train] == [r["verbosity"] for r in HELPSTEER2["train"]]
@@ -92,6 +93,7 @@ def test_helpsteer2_fixture_loads_with_multi_turn(tmp_path):
     assert multi.fields["instruction"] == ("User: What is a good name for a golden retriever?\n\n"
                                            "Assistant: How about Sunny or Maple?\n\nUser: Something more unusual, please.")
     assert test[1].fields["turns"] == 3
+    assert [e.id for e in test] == ["helpsteer2/validation/0", "helpsteer2/validation/1"]  # ids name the source
     assert train[0].fields["instruction"] == "Explain photosynthesis in one sentence."
 
 
@@ -99,13 +101,107 @@ def test_render_conversation_single_turn_is_unchanged():
     assert render_conversation("  Hello there\n") == ("Hello there", 1)
 
 
-def test_subset_is_seeded_and_ids_follow_source_rows(tmp_path):
+def test_unpooled_subset_is_seeded_and_ids_follow_source_rows(tmp_path):
     write_helpsteer2(tmp_path)
-    pick = lambda seed: [e.id for e in get_task("helpsteer2", path=str(tmp_path), n_train=3, seed=seed).load("train")]  # noqa: E731
+    pick = lambda seed: [e.id for e in get_task("helpsteer2", path=str(tmp_path), n_train=3, seed=seed,  # noqa: E731
+                                                pool=False).load("train")]
     a, b = pick(257), pick(257)
     assert a == b and len(set(a)) == 3
     assert any(pick(s) != a for s in (521, 1031, 7))
     assert all(i.startswith("helpsteer2/train/") and 0 <= int(i.rsplit("/", 1)[1]) < 6 for i in a)
+
+
+# ---- the pool (Section 4.1: 2,000 train + 2,000 test drawn per run)
+
+
+def test_judge_tasks_pool_by_default_and_math_tasks_do_not():
+    assert get_task("helpsteer2", path="x").pool is True
+    assert get_task("summarize_feedback", path="x").pool is True
+    assert get_task("gsm8k", path="x").pool is False and get_task("math", path="x").pool is False
+    assert get_task("helpsteer2", path="x", pool="false").pool is False  # as --set writes it
+    assert get_task("helpsteer2", path="x").pool_sources() == ["train", "validation"]
+    assert get_task("summarize_feedback", path="x").pool_sources() == ["validation", "test"]
+    with pytest.raises(ValueError, match="option pool: expected true or false, got 'maybe'"):
+        get_task("helpsteer2", path="x", pool="maybe")
+    with pytest.raises(ValueError, match="option n_train: expected an integer >= 0, got -1"):
+        get_task("helpsteer2", path="x", n_train=-1)
+
+
+@pytest.fixture
+def big_hs2(tmp_path):
+    """60 train + 40 validation rows: a pool of 100 with distinct prompts."""
+    return write_helpsteer2(tmp_path, {"train": hs2_rows(60, "train"), "validation": hs2_rows(40, "validation")})
+
+
+def _ids(task, split):
+    return [e.id for e in task.load(split)]
+
+
+def test_pool_draws_disjoint_seeded_splits_from_train_and_validation(big_hs2):
+    t = get_task("helpsteer2", path=str(big_hs2), n_train=30, n_test=20, seed=257)
+    train, test = _ids(t, "train"), _ids(t, "test")
+    assert len(train) == 30 and len(test) == 20 and len(set(train)) == 30 and len(set(test)) == 20
+    assert not set(train) & set(test)
+    # both splits draw from both source splits (a test split from validation alone would fail this)
+    for ids in (train, test):
+        assert {i.split("/")[1] for i in ids} == {"train", "validation"}, ids
+    # the same seed gives the same draw; the paper's other seeds give other ones
+    again = get_task("helpsteer2", path=str(big_hs2), n_train=30, n_test=20, seed=257)
+    assert (_ids(again, "train"), _ids(again, "test")) == (train, test)
+    others = [get_task("helpsteer2", path=str(big_hs2), n_train=30, n_test=20, seed=s) for s in (521, 1031)]
+    assert all(set(_ids(o, "test")) != set(test) for o in others)
+    assert set(_ids(others[0], "test")) != set(_ids(others[1], "test"))
+    # the test set does not depend on n_train, and a larger n_train extends the train set
+    more = get_task("helpsteer2", path=str(big_hs2), n_train=80, n_test=20, seed=257)
+    assert _ids(more, "test") == test and set(train) < set(_ids(more, "train"))
+    # ids name the source split and row, and the examples are those rows
+    rows = {"train": hs2_rows(60, "train"), "validation": hs2_rows(40, "validation")}
+    for e in t.load("test"):
+        _, source, row = e.id.split("/")
+        assert e.fields["instruction"] == rows[source][int(row)]["prompt"]
+        assert e.gold == rows[source][int(row)]["helpfulness"]
+    # every metric draws the same rows for a seed (no row lacks a score here)
+    coh = get_task("helpsteer2", path=str(big_hs2), n_train=30, n_test=20, seed=257, metric="coherence")
+    assert _ids(coh, "test") == test
+
+
+def test_pool_defaults_and_size_errors(big_hs2):
+    t = get_task("helpsteer2", path=str(big_hs2))  # no sizes: a fifth of the pool for test, the rest for train
+    assert len(t.load("test")) == 20 and len(t.load("train")) == 80
+    full = get_task("helpsteer2", path=str(big_hs2), n_train=70, n_test=30)
+    assert len(full.load("train")) == 70 and len(full.load("test")) == 30  # the whole pool
+    with pytest.raises(ValueError, match=r"^task helpsteer2: n_train \+ n_test = 2000 \+ 2000 = 4000 examples, "
+                                         r"but the pool has only 100: .*train.jsonl.gz.* \+ .*validation.jsonl.gz"):
+        get_task("helpsteer2", path=str(big_hs2), n_train=2000, n_test=2000).load("train")
+    with pytest.raises(ValueError, match=r"n_train \+ n_test = 71 \+ 30 = 101 examples, but the pool has only 100"):
+        get_task("helpsteer2", path=str(big_hs2), n_train=71, n_test=30).load("test")
+    with pytest.raises(ValueError, match=r"split 'test' is empty \(n_test = 0"):
+        get_task("helpsteer2", path=str(big_hs2), n_train=10, n_test=0).load("test")
+    msg = str(pytest.raises(ValueError, get_task("helpsteer2", path=str(big_hs2), n_train=99, n_test=2).load,
+                            "train").value)
+    assert "\n" not in msg  # one line
+
+
+def test_hub_ids_load_each_pooled_split_by_name(monkeypatch):
+    """A hub id goes through datasets.load_dataset(id, subset, split=<dataset split>), once
+    per split of the pool (stubbed here: no network in tests)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, config=None, split=None):
+        calls.append((path, config, split))
+        return hs2_rows(30, split)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    t = get_task("helpsteer2", n_train=20, n_test=10)  # the default path: the hub id
+    test = t.load("test")
+    t.load("train")
+    assert calls == [("nvidia/HelpSteer2", None, "train"), ("nvidia/HelpSteer2", None, "validation")]  # read once
+    assert {e.id.split("/")[1] for e in test} <= {"train", "validation"}
+    calls.clear()
+    get_task("helpsteer2", pool=False, n_test=5).load("test")  # the old mapping: test -> validation
+    assert calls == [("nvidia/HelpSteer2", None, "validation")]
 
 
 def test_helpsteer2_errors_name_the_problem(tmp_path):
@@ -113,14 +209,14 @@ def test_helpsteer2_errors_name_the_problem(tmp_path):
     write_helpsteer2(tmp_path, rows)
     with pytest.raises(ValueError, match=r"train.jsonl.gz.*missing column 'correctness'"):
         get_task("helpsteer2", path=str(tmp_path), metric="correctness").load("train")
-    with pytest.raises(ValueError, match=r"validation.jsonl.gz: split 'test' of task helpsteer2 is empty"):
-        get_task("helpsteer2", path=str(tmp_path)).load("test")
+    with pytest.raises(ValueError, match=r"validation.jsonl.gz \(0 rows.*: split 'test' of task helpsteer2 is empty"):
+        get_task("helpsteer2", path=str(tmp_path), pool=False).load("test")
     (tmp_path / "validation.jsonl.gz").unlink()
-    with pytest.raises(ValueError, match=r"no data file for split 'test'; looked for \['validation'\]"):
-        get_task("helpsteer2", path=str(tmp_path)).load("test")
+    with pytest.raises(ValueError, match=r"no data file for dataset split 'validation'; looked for \['validation'\]"):
+        get_task("helpsteer2", path=str(tmp_path)).load("train")  # the pool needs validation too
     write_helpsteer2(tmp_path, {"train": [{"prompt": "p", "response": "r", "helpfulness": 9}]})
     with pytest.raises(ValueError, match=r"row 0: column 'helpfulness': score 9"):
-        get_task("helpsteer2", path=str(tmp_path)).load("train")
+        get_task("helpsteer2", path=str(tmp_path), pool=False).load("train")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         get_task("helpsteer2", path=str(tmp_path / "missing")).load("train")
 
@@ -130,10 +226,12 @@ def test_single_file_serves_both_splits_disjointly(tmp_path):
     with gzip.open(f, "wt") as out:
         for i in range(20):
             out.write(json.dumps({"prompt": f"q{i}", "response": "r", "helpfulness": i % 5}) + "\n")
-    t = get_task("helpsteer2", path=str(f), n_test=5)
-    train, test = t.load("train"), t.load("test")
-    assert len(test) == 5 and len(train) == 15
-    assert not {e.fields["instruction"] for e in train} & {e.fields["instruction"] for e in test}
+    for pool in (True, False):  # one file is one pool either way
+        t = get_task("helpsteer2", path=str(f), n_test=5, pool=pool)
+        train, test = t.load("train"), t.load("test")
+        assert len(test) == 5 and len(train) == 15
+        assert not {e.fields["instruction"] for e in train} & {e.fields["instruction"] for e in test}
+        assert all(e.id.startswith("helpsteer2/hs2/") for e in train + test)
 
 
 # ---- summarize_feedback
@@ -141,18 +239,35 @@ def test_single_file_serves_both_splits_disjointly(tmp_path):
 
 def test_summarize_fixture_parquet_with_nested_nulls(tmp_path):
     write_summarize(tmp_path)
-    t = get_task("summarize_feedback", path=str(tmp_path))  # helpfulness = the overall axis
+    t = get_task("summarize_feedback", path=str(tmp_path), pool=False)  # helpfulness = the overall axis
     train = t.load("train")
     # 5 validation rows: one CNN/DM article (post null) left out, one with overall null skipped
-    assert [e.gold for e in train] == [6, 2, 7] and t.skipped["train"] == 1
-    assert [e.id for e in train] == ["summarize_feedback/train/0", "summarize_feedback/train/1",
-                                     "summarize_feedback/train/4"]
-    assert "SUBREDDIT: r/cats" in train[2].fields["instruction"] and "Shy cat" in train[2].fields["instruction"]
+    assert [e.gold for e in train] == [6, 2, 7] and t.skipped["validation"] == 1
+    assert [e.id for e in train] == ["summarize_feedback/validation/0", "summarize_feedback/validation/1",
+                                     "summarize_feedback/validation/4"]
+    instruction = train[2].fields["instruction"]
+    assert instruction.startswith("Summarize the following Reddit post.\n\nSUBREDDIT: r/cats\nTITLE: Shy cat\nPOST: ")
     assert train[0].fields["response"].startswith("Roommate keeps")
-    acc = get_task("summarize_feedback", path=str(tmp_path), metric="accuracy")
-    assert [e.gold for e in acc.load("train")] == [7, 3, 6, 7] and acc.skipped["train"] == 0
+    acc = get_task("summarize_feedback", path=str(tmp_path), metric="accuracy", pool=False)
+    assert [e.gold for e in acc.load("train")] == [7, 3, 6, 7] and acc.skipped["validation"] == 0
     test = acc.load("test")
-    assert [e.gold for e in test] == [6]
+    assert [e.gold for e in test] == [6] and [e.id for e in test] == ["summarize_feedback/test/0"]
+
+
+def test_summarize_pool_is_validation_and_test_reddit_posts_only(tmp_path):
+    write_summarize(tmp_path)
+    t = get_task("summarize_feedback", path=str(tmp_path), metric="accuracy", n_train=3, n_test=2, seed=521)
+    train, test = t.load("train"), t.load("test")
+    ids = {e.id for e in train + test}
+    # 7 rows: 2 CNN/DM articles left out -> a pool of 5 Reddit posts, all of them drawn
+    assert len(ids) == 5 and not {e.id for e in train} & {e.id for e in test}
+    assert ids == {"summarize_feedback/validation/0", "summarize_feedback/validation/1",
+                   "summarize_feedback/validation/3", "summarize_feedback/validation/4", "summarize_feedback/test/0"}
+    with pytest.raises(ValueError, match=r"n_train \+ n_test = 4 \+ 2 = 6 examples, but the pool has only 5"):
+        get_task("summarize_feedback", path=str(tmp_path), metric="accuracy", n_train=4, n_test=2).load("train")
+    ov = get_task("summarize_feedback", path=str(tmp_path), n_train=2, n_test=2)  # overall: one row unrated
+    ov.load("train")
+    assert ov.skipped == {"validation": 1, "test": 0}
 
 
 def test_summarize_missing_axis_and_empty_split(tmp_path):
@@ -167,8 +282,9 @@ def test_summarize_missing_axis_and_empty_split(tmp_path):
     write_summarize(tmp_path, rows, schema)
     with pytest.raises(ValueError, match=r"validation-00000-of-00001.parquet: missing column 'summary.axes.coverage'"):
         get_task("summarize_feedback", path=str(tmp_path), metric="coverage").load("train")
-    with pytest.raises(ValueError, match=r"test-00000-of-00001.parquet: split 'test' of task summarize_feedback is empty"):
-        get_task("summarize_feedback", path=str(tmp_path)).load("test")
+    with pytest.raises(ValueError, match=r"test-00000-of-00001.parquet \(1 rows, 0 selected, 0 skipped\): "
+                                         r"split 'test' of task summarize_feedback is empty"):
+        get_task("summarize_feedback", path=str(tmp_path), pool=False).load("test")
 
 
 # ---- gsm8k and math

@@ -14,16 +14,18 @@ import pytest
 
 from fixtures_tasks import write_gsm8k, write_helpsteer2, write_math, write_summarize
 from fem_jax.tasks import get_task
-from fem_jax.tasks.judge import HELPSTEER2_RUBRICS, SUMMARIZE_RUBRICS
+from fem_jax.tasks.judge import HelpSteer2, SummarizeFeedback
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("FEM_JAX_UPDATE_GOLDEN") == "1"
 
+# judge tasks read the fixture's own splits (pool=False) so that each case is a known row
 CASES = ([("arithmetic", {}, "test", 0, "arithmetic"), ("gsm8k", {}, "test", 0, "gsm8k"),
-          ("math", {}, "train", 0, "math"), ("helpsteer2", {"metric": "helpfulness"}, "train", 1,
+          ("math", {}, "train", 0, "math"), ("helpsteer2", {"metric": "helpfulness", "pool": False}, "train", 1,
                                              "helpsteer2_multiturn")]
-         + [("helpsteer2", {"metric": m}, "train", 0, f"helpsteer2_{m}") for m in HELPSTEER2_RUBRICS]
-         + [("summarize_feedback", {"metric": m}, "train", 0, f"summarize_feedback_{m}") for m in SUMMARIZE_RUBRICS])
+         + [("helpsteer2", {"metric": m, "pool": False}, "train", 0, f"helpsteer2_{m}") for m in HelpSteer2.metrics]
+         + [("summarize_feedback", {"metric": m, "pool": False}, "train", 0, f"summarize_feedback_{m}")
+            for m in SummarizeFeedback.metrics])
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,39 @@ MATH = get_task("math", path="unused")
     ("Evaluation: The response is accurate and concise.\nScore: 3", 3),
     ("Evaluation: Clear.\n**Score: 4**", 4),
     ("Evaluation: Clear.\n**Score:** 2", 2),
+    # the paper's Figure 3, before and after training (Qwen 3B, correctness)
+    ("Evaluation: The response is incorrect because it states that Jay's brother is John, while the instruction "
+     "clearly indicates that Bob has two sons named John and Jay. Therefore, Jay's brother cannot be John. The "
+     "response does not correctly address the question posed. **Score:** 0", 0),
+    ("Evaluation: ... Therefore, the response meets the criteria for a score of 4. **Score:** 4", 4),
+    ("**Score**: 1", 1),
+    ("Evaluation: Clear.\nScore: **3**", 3),
+    ("Evaluation: Clear.\n\n**Score:**\n\n**3**", 3),
     ("evaluation: ok\nscore: 3.", 3),
     ("Evaluation: fine\nSCORE : 1", 1),
     ("Evaluation: fine\nScore: [0]", 0),
-    ("Evaluation: I first thought Score: 1, but on reflection it is better.\nScore: 3", 3),  # the last one
+    ("Evaluation: fine\nScore: (4)", 4),
+    ("Evaluation: fine\nScore = 2", 2),
+    ("Evaluation: fine\nscore: 4/4", 4),
+    ("Evaluation: fine\nScore: 3 / 4.", 3),
+    ("Evaluation: fine\nScore: 4 out of 4.", 4),
+    ("Evaluation: fine\nScore: 3.0", 3),
+    ("Evaluation: fine\nPredicted score: 2", 2),
+    ("Evaluation: fine\nScore: 3 (mostly helpful)", 3),
+    ("Evaluation: fine\nScore: 2\n- The response could be longer.", 2),
+    ("Evaluation: I first thought Score: 1, but on reflection it is better.\nScore: 3", 3),  # the last one wins
+    ("Score: 3\nEvaluation: on reflection, worse.\nScore: 1.", 1),
+    ("Score: 4\nEvaluation: wait, the scale is larger.\nScore: 5", None),  # the last one decides, even when bad
     ("Evaluation: wonderful\nScore: 5", None),  # out of 0-4
     ("Evaluation: wonderful\nScore: -1", None),
     ("Evaluation: between two levels\nScore: 2.5", None),
-    ("Evaluation: The response deserves a 3 out of 4.", None),  # no "Score:" line
-    ("Score: <an integer from 0 to 4>", None),  # the format echoed, no score
+    ("Evaluation: between two levels\nScore: 2-3", None),
+    ("Evaluation: between two levels\nScore: 2 or 3", None),
+    ("Evaluation: another scale\nScore: 3/5", None),
+    ("Evaluation: another scale\nScore: 3 out of 10", None),
+    ("Evaluation: The response deserves a 3 out of 4.", None),  # no "Score:" at all
+    ("Evaluation: (detailed evaluation) Score: (predicted score)", None),  # the format echoed, no score
+    ("Score 3: The response is mostly helpful ...", None),  # a rubric line echoed is not an answer
     ("", None),
 ])
 def test_helpsteer2_parse(text, want):
@@ -36,7 +60,9 @@ def test_helpsteer2_parse(text, want):
 
 
 @pytest.mark.parametrize("text,want", [("Evaluation: good\nScore: 7", 7), ("Evaluation: bad\nScore: 0", None),
-                                       ("Evaluation: x\nScore: 1", 1), ("Evaluation: x\nScore: 8", None)])
+                                       ("Evaluation: x\nScore: 1", 1), ("Evaluation: x\nScore: 8", None),
+                                       ("Evaluation: x\n**Score:** 5", 5), ("Evaluation: x\nScore: 6/7", 6),
+                                       ("Evaluation: x\nScore: 4 out of 4", None)])
 def test_summarize_parse_uses_its_range(text, want):
     assert SF.parse(text) == want
 
@@ -115,34 +141,106 @@ def test_math_equivalence(answer, gold, want):
     assert MATH.reward(answer, gold) == want
 
 
+# ---- hint leaks: the hint itself, never a rationale's own conclusion
+
+
 @pytest.mark.parametrize("task", [HS2, SF])
-def test_judge_hint_leaks(task):
-    assert task.hint_leaked("Evaluation: Evaluating the response as if its score was 3, I find ...")
-    assert task.hint_leaked("Evaluation: As the hint says, this is good.\nScore: 4")
-    assert task.hint_leaked("The score of the response should be 2, so ...")
-    assert task.hint_leaked("the score of   the\nresponse should be 2")  # whitespace does not hide it
-    assert not task.hint_leaked("Evaluation: The response is clear and accurate.\nScore: 4")
+@pytest.mark.parametrize("hint,gold", [(None, None), ("pps", 3), ("pps2", 3), ("pps3", 3)])
+@pytest.mark.parametrize("text", [
+    "Evaluation: Evaluating the response as if its score was 3, I find it helpful.\nScore: 3",
+    "Evaluation: As the hint says, this is good.\nScore: 3",
+    "Evaluation: The response is clear. Do not output the hint.\nScore: 3",
+    "Evaluation: the HINT\nsays 3.",
+])
+def test_judge_hint_only_phrases_leak_under_every_wording(task, hint, gold, text):
+    assert task.hint_leaked(text, hint, gold)
 
 
-@pytest.mark.parametrize("task", [ARITH, GSM, MATH])
+@pytest.mark.parametrize("task", [HS2, SF])
+@pytest.mark.parametrize("hint", ["pps2", "pps3"])
+@pytest.mark.parametrize("text", [
+    "Evaluation: The score of the response should be 3. The response is clear.\nScore: 3",
+    "The score of the response should be 3.",
+    "The score of the response should be 3",  # the end of the text ends the sentence
+    "Evaluation: the score of   the\nresponse should be 3.\nScore: 3",  # case and whitespace do not hide it
+    "Evaluation: The score of the response should be **3**.\nScore: 3",
+    "Hint: The score of the response should be 3.\nEvaluation: good.\nScore: 3",
+    "Evaluation: good.\n- The score of the response should be 3\nScore: 3",
+])
+def test_judge_hint_sentence_with_the_gold_leaks(task, hint, text):
+    assert task.hint_leaked(text, hint, 3)
+    assert task.hint_leaked(text, hint)  # gold unknown: any value
+    assert not task.hint_leaked(text, hint, 2)  # not the hint that was given
+    assert not task.hint_leaked(text, "pps", 3)  # the pps hint never said this
+    assert not task.hint_leaked(text)  # the old call checks the hint-only phrases only
+
+
+@pytest.mark.parametrize("task", [HS2, SF])
+@pytest.mark.parametrize("hint", [None, "pps", "pps2", "pps3"])
+@pytest.mark.parametrize("text", [
+    "Evaluation: The response is clear and accurate.\nScore: 3",
+    "Evaluation: The response is clear. Therefore, the score should be 3.\nScore: 3",
+    "Evaluation: The score of the response should be 3 because it is mostly helpful.\nScore: 3",
+    "Evaluation: So the score of the response should be 3.\nScore: 3",
+    "Evaluation: I think the score of the response should be 3, as it is mostly helpful.\nScore: 3",
+    "Evaluation: The score of the response should be 3.5 at most.\nScore: 3",
+    "Evaluation: The response gives hints about the answer but evaluates as if it was a score of 3.\nScore: 3",
+])
+def test_judge_conclusions_are_not_leaks(task, hint, text):
+    assert not task.hint_leaked(text, hint, None if hint is None else 3)
+
+
+@pytest.mark.parametrize("task", [ARITH, GSM])
 def test_answer_hint_leaks(task):
-    assert task.hint_leaked("The answer should be 71, so let me check: 23 + 48 = 71.")
-    assert task.hint_leaked("Solving it as if its answer was 71 ...")
-    assert task.hint_leaked("Using the hint, 71.")
-    assert not task.hint_leaked("23 + 48 = 71. The answer is 71.")
+    for hint in (None, "pps", "pps2", "pps3"):
+        gold = None if hint is None else 71
+        assert task.hint_leaked("Solving it as if its answer was 71, 23 + 48 = 71.", hint, gold)
+        assert task.hint_leaked("Using the hint, 71.", hint, gold)
+        assert task.hint_leaked("23 + 48 = 71. Do not output the hint.", hint, gold)
+        assert not task.hint_leaked("23 + 48 = 71. The answer is 71.", hint, gold)
+        assert not task.hint_leaked("23 + 48 = 71, so the answer should be 71.", hint, gold)
+        assert not task.hint_leaked("The answer should be 71, since 23 + 48 = 71.", hint, gold)
+    for hint in ("pps2", "pps3"):
+        assert task.hint_leaked("The answer should be 71. Let me check: 23 + 48 = 71.", hint, 71)
+        assert task.hint_leaked("The answer should be 71. Let me check: 23 + 48 = 71.", hint)
+        assert not task.hint_leaked("The answer should be 71. Let me check: 23 + 48 = 71.", hint, 70)
+        assert not task.hint_leaked("The answer should be 71. Let me check: 23 + 48 = 71.")
+
+
+def test_math_hint_sentence_carries_its_latex_gold():
+    assert MATH.hint_text("pps3", "\\frac{1}{2}") == "The answer should be $\\frac{1}{2}$."
+    assert MATH.hint_leaked("The answer should be $\\frac{1}{2}$.\nSo x = 1/2.", "pps3", "\\frac{1}{2}")
+    assert not MATH.hint_leaked("The answer should be $\\frac{1}{3}$.\nSo x = 1/3.", "pps3", "\\frac{1}{2}")
+    assert not MATH.hint_leaked("Thus the answer should be $\\frac{1}{2}$.", "pps3", "\\frac{1}{2}")
+
+
+def test_unknown_hint_wording_is_named():
+    with pytest.raises(ValueError, match="unknown hint wording 'pps4'"):
+        HS2.hint_leaked("text", "pps4", 3)
 
 
 def test_hinted_messages_carry_the_gold_and_hint_free_do_not():
-    ex = Example("helpsteer2/train/0", 3, {"instruction": "Say hi.", "response": "Hi!", "subject": "the response",
-                                           "instruction_title": "Instruction", "response_title": "Response"})
+    ex = Example("helpsteer2/train/0", 3, {"instruction": "Say hi.", "response": "Hi!"})
     free = HS2.messages(ex)[1]["content"]
+    assert "### Hint" not in free and "3." not in free.split("### Score rubric")[0].split("### Instruction")[1]
     for scheme, sentence in (("pps", "Evaluate the response as if its score was 3. Do not output the hint."),
                              ("pps2", "The score of the response should be 3. Do not output the hint."),
                              ("pps3", "The score of the response should be 3.")):
         hinted = HS2.messages(ex, hint=scheme)[1]["content"]
         assert sentence in hinted and sentence not in free
-        assert hinted.replace("\n" + sentence + "\n", "") == free  # the hint block is the only difference
+        # the hint section, before "### Output", is the only difference
+        assert hinted.replace("### Hint\n" + sentence + "\n\n", "") == free
+        assert hinted.endswith(f"### Hint\n{sentence}\n\n### Output")
+        assert HS2.messages(ex, hint=scheme)[0] == HS2.messages(ex)[0]  # the system prompt never changes
     with pytest.raises(ValueError, match="unknown hint wording 'pps4'"):
         HS2.messages(ex, hint="pps4")
     a = Example("arithmetic/test/0", 71, {"question": "23 + 48"})
     assert "71" in ARITH.messages(a, "pps3")[0]["content"] and "71" not in ARITH.messages(a)[0]["content"]
+
+
+def test_placeholders_inside_the_data_are_not_filled():
+    ex = Example("helpsteer2/train/0", 3, {"instruction": "Print '{response}' and {conditioning}.",
+                                           "response": "{task} {score rubrics}"})
+    user = HS2.messages(ex, hint="pps")[1]["content"]
+    assert "### Instruction\nPrint '{response}' and {conditioning}.\n" in user
+    assert "### Response to evaluate\n{task} {score rubrics}\n" in user

@@ -1,7 +1,9 @@
 """Tasks: a name registry and `get_task(name, **options)`.
 
 Every task has `load(split)` -> list[Example], `messages(example, hint=None)`,
-`parse(text)`, `reward(answer, gold)` and `hint_leaked(text)`; see `base.Task`.
+`parse(text)`, `reward(answer, gold)` and `hint_leaked(text, hint=None, gold=None)`; see
+`base.Task`. Dataset tasks take `path`, `n_train`, `n_test`, `seed`, `config` and `pool`
+(draw both splits from one pool of the dataset's splits; see `base`).
 """
 
 from __future__ import annotations

@@ -1,118 +1,142 @@
-"""LLM-as-a-judge tasks of "Learning to Reason in LLMs by Expectation Maximization":
-the model reads an instruction and a response, reasons about one quality of it, and
-predicts the human score.
+"""LLM-as-a-judge tasks of "Learning to Reason in LLMs by Expectation Maximization"
+(arXiv:2512.20169, Section 4): the model reads an instruction and a response, evaluates one
+quality of the response, and predicts the human score.
 
+Prompt. The paper's own texts, verbatim, from `prompts/judge.yaml` (each with its source):
+the system prompt of Appendix B goes into the system message; the main prompt of Figure 1,
+filled in, into the user message. Each task keeps only its own score-range sentence of
+Figure 1 ("between 0 and 4" for HelpSteer2, "between 1 and 7" for Summarize from
+Feedback). The placeholders are filled as follows:
+- {judged score}: the metric's name in lower case, as Section 4.1 lists them
+  ("helpfulness", "accuracy", ...);
+- {score rubrics}: the metric's rubric of Appendix B, one "Score N: ..." line per score;
+- {task}: HelpSteer2's prompt; a multi-turn prompt (turns joined by `<extra_id_1>User` /
+  `<extra_id_1>Assistant`) becomes a "User: ... / Assistant: ..." conversation, which
+  Figure 1's "An instruction (may include conversation history)" allows for.
+  Summarize from Feedback has no instruction, only a Reddit post, and the paper does not
+  say what it put there. We write one sentence, "Summarize the following Reddit post.",
+  and then the post's fields as "SUBREDDIT: / TITLE: / POST:" lines: the rubrics
+  judge "the response" against "the post", so the model must know that the response is
+  meant as a summary of that post, and nothing more is added, to stay close to the paper.
+- {response}: the evaluated response (HelpSteer2) or summary (Summarize from Feedback);
+- the "### Hint" section (Figure 1's cyan text) only with a hint wording: `pps` (Figure 1),
+  `pps2` and `pps3` (Appendix C), {conditioning} = the human score.
+
+Parser: the prompt asks for "Evaluation: (detailed evaluation) Score: (predicted score)";
+see `JudgeTask.parse` for the shapes of "Score:" it reads.
+
+Data (Section 4.1: "We sample a random subset of 4 000 data points (2 000 train and
+2 000 test) in each run", seeds 257, 521, 1031). With `pool: true` (the default) both
+splits of a run are drawn, disjoint, from one pool with the run's seed:
 - `helpsteer2`: NVIDIA HelpSteer2 (`prompt`, `response`, and the scores helpfulness,
-  correctness, coherence, complexity, verbosity, 0-4). train -> `train.jsonl.gz`, test ->
-  `validation.jsonl.gz` (hub `nvidia/HelpSteer2`). Multi-turn prompts (turns joined by
-  `<extra_id_1>User` / `<extra_id_1>Assistant`) are rendered as a "User: / Assistant:"
-  conversation; the response answers its last user turn.
+  correctness, coherence, complexity, verbosity, 0-4). Pool: its `train` and `validation`
+  splits (the hub has no test split).
 - `summarize_feedback`: OpenAI's summarize_from_feedback, subset `axis` (nested
   `info{post, title, subreddit, article, ...}`, `summary{text, axes{overall, accuracy,
-  coverage, coherence}}`; scores 1-7). Metric `helpfulness` is the `overall` axis. The
-  subset has only `validation` and `test` splits: train -> validation, test -> test.
-  Rows without a Reddit post (`info.post` null: the CNN/DM articles) are left out; rows
-  whose chosen axis is null are skipped and counted in `task.skipped[split]`.
-
-The prompt follows the structure of the paper's Figure 1 and Appendix B: a system
-prompt, the task description with the dataset's score range, the instruction, the
-response, the rubric of the metric, the hint block (for posterior sampling: the `pps`,
-`pps2`, `pps3` wordings of DESIGN.md) and the output format "Evaluation: ... Score: N".
-We could not retrieve the paper's exact wording of the system prompt and the rubrics, so
-these are our own faithful renderings: the rubric texts paraphrase the HelpSteer2
-annotation definitions and OpenAI's summarization axes. The tests keep golden copies of
-every prompt (tests/golden/), so any change of wording shows as a diff.
+  coverage, coherence}}`; scores 1-7). Pool: its `validation` and `test` splits (it has no
+  train split), Reddit posts only: rows without a post (`info.post` null: the CNN/Daily Mail
+  articles) are left out. Metric `helpfulness` reads the `overall` axis (the data has no
+  helpfulness axis; Appendix B's helpfulness rubric, "an okay / an excellent representation
+  of the post", grades the summary as a whole). Rows whose chosen axis is null are skipped
+  and counted in `task.skipped[<source split>]`.
+The pools are our reading of Section 4.1: it draws 2,000 test points per run, and the
+rows differ between runs, which HelpSteer2's own held-out split (about a thousand rows,
+the same in every run) could not give. Rows are drawn one by one, as the paper's "data points": the
+same prompt or post can appear in both splits with different responses. `pool: false`
+keeps the dataset's split mapping instead (helpsteer2: train -> train, test -> validation;
+summarize_feedback: train -> validation, test -> test). Example ids name the source split
+and row: "helpsteer2/validation/17".
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from importlib import resources
+
+import yaml
 
 from .base import DatasetTask, Example
 
-SYSTEM = ("You are a careful and impartial judge of written responses. You evaluate one quality of a response "
-          "at a time: first explain your evaluation, then give an integer score.")
+PROMPT_FILE = "prompts/judge.yaml"
+_WHERE = f"fem_jax/tasks/{PROMPT_FILE}"
+# per task family: the scores its rubrics anchor (Appendix B) and its metrics (Section 4.1)
+FAMILIES = {"helpsteer2": ((0, 1, 2, 3, 4), ("helpfulness", "correctness", "coherence", "complexity", "verbosity")),
+            "summarize_feedback": ((1, 4, 7), ("helpfulness", "accuracy", "coverage", "coherence"))}
+_SLOT = re.compile(r"\{(task|response|judged score|score rubrics|conditioning)\}")
 
-TEMPLATE = """Your task is to evaluate the {quality} of {subject}. Give an integer score from {lo} to {hi}, following the rubric.
 
-## {instruction_title}
-{instruction}
+def _text(data, *keys) -> str:
+    node = data
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            raise ValueError(f"{_WHERE}: missing {'.'.join(keys)}")
+        node = node[k]
+    if not isinstance(node, dict) or not isinstance(node.get("text"), str) or not node.get("source"):
+        raise ValueError(f"{_WHERE}: {'.'.join(keys)} needs a `text` string and its `source` in the paper")
+    return node["text"]
 
-## {response_title}
-{response}
 
-## Rubric: {quality_title}
-{rubric}
-{hint}
-Write your evaluation first and the score last, in this format:
-Evaluation: <your evaluation of the {quality}>
-Score: <an integer from {lo} to {hi}>"""
+@functools.cache
+def judge_prompts() -> dict:
+    """The texts of prompts/judge.yaml: {"system", "main", "score_range": {family},
+    "hints": {wording}, "rubrics": {family: {metric}}}, checked to fit together (each
+    failure names the file and the key)."""
+    try:
+        data = yaml.safe_load(resources.files(__package__).joinpath(PROMPT_FILE).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{_WHERE}: not valid YAML: {' '.join(str(e).split())}") from None
+    out = {"system": _text(data, "system"), "main": _text(data, "main"),
+           "score_range": {f: _text(data, "score_range", f) for f in FAMILIES},
+           "hints": {h: _text(data, "hints", h) for h in ("pps", "pps2", "pps3")},
+           "rubrics": {f: {m: _text(data, "rubrics", f, m) for m in metrics} for f, (_, metrics) in FAMILIES.items()}}
+    main = out["main"]
+    for fam, sentence in out["score_range"].items():
+        if main.count(" " + sentence) != 1:
+            raise ValueError(f"{_WHERE}: main.text must hold score_range.{fam} ({sentence!r}) once")
+    if main.count(_hint_section(out["hints"]["pps"])) != 1:
+        raise ValueError(f"{_WHERE}: main.text must hold the '### Hint' section with hints.pps once")
+    for slot in ("{task}", "{response}", "{judged score}", "{score rubrics}", "{conditioning}"):
+        if slot not in main:
+            raise ValueError(f"{_WHERE}: main.text lacks the placeholder {slot}")
+    for name, hint in out["hints"].items():
+        if "{conditioning}" not in hint:
+            raise ValueError(f"{_WHERE}: hints.{name} lacks the placeholder {{conditioning}}")
+    for fam, (scores, metrics) in FAMILIES.items():
+        for m in metrics:
+            got = [int(s) for s in re.findall(r"^Score (\d+):", out["rubrics"][fam][m], re.M)]
+            if got != list(scores):
+                raise ValueError(f"{_WHERE}: rubrics.{fam}.{m} has scores {got}; expected {list(scores)}")
+    return out
 
-HINTS = {
-    "pps": "Evaluate the response as if its score was {y}. Do not output the hint.",
-    "pps2": "The score of the response should be {y}. Do not output the hint.",
-    "pps3": "The score of the response should be {y}.",
-}
-LEAK_PHRASES = ("as if its score was", "the hint", "score of the response should be", "score should be")
 
-HELPSTEER2_RUBRICS = {
-    "helpfulness": ("Overall helpfulness of the response to the instruction.", [
-        "Not helpful at all: the response misses the essence of what was asked.",
-        "Borderline unhelpful: it mostly misses what the user wanted.",
-        "Partially helpful: it addresses part of the request, or has notable errors or omissions.",
-        "Mostly helpful: it does what was asked, with some room for improvement.",
-        "Perfectly helpful: it fully does what was asked, in the spirit of the request."]),
-    "correctness": ("Inclusion of all pertinent facts without errors.", [
-        "Completely incorrect: the content is wrong or irrelevant.",
-        "Mostly incorrect: few of its claims are right, or key information is missing.",
-        "Partially correct: a mix of correct and incorrect or missing information.",
-        "Mostly correct: small errors or omissions only.",
-        "Completely correct: accurate, with nothing false, misleading or missing."]),
-    "coherence": ("Consistency and clarity of expression.", [
-        "Incomprehensible: the response cannot be followed.",
-        "Mostly incoherent: hard to follow, with contradictions or confusing parts throughout.",
-        "Somewhat coherent: some parts are unclear, contradictory or repetitive.",
-        "Mostly coherent: clear overall, with a few awkward parts.",
-        "Perfectly coherent: clear, consistent and logically organized."]),
-    "complexity": ("Intellectual depth required to write the response: whether anyone with basic language "
-                   "skills could write it, or it takes deep domain expertise.", [
-        "Basic: simple words and sentences a young child could understand.",
-        "Simple: an adult with a basic education could write it.",
-        "Intermediate: it takes the knowledge of someone with a high-school education.",
-        "Advanced: it takes college-level knowledge and some technical vocabulary.",
-        "Expert: it takes deep expertise in the domain and its technical language."]),
-    "verbosity": ("Amount of detail in the response, relative to what the instruction asks for.", [
-        "Succinct: as short as it can be, with the bare minimum of words.",
-        "Pretty short: fairly brief, with little detail.",
-        "Average length: neither short nor long for what was asked.",
-        "Moderately long: more detail and elaboration than strictly needed.",
-        "Verbose: very long and detailed, with much elaboration."]),
-}
+def _hint_section(sentence: str) -> str:
+    return f"### Hint\n{sentence}\n\n"
 
-# metric -> (axis column, title, definition, anchors for scores 1, 4 and 7)
-SUMMARIZE_RUBRICS = {
-    "helpfulness": ("overall", "overall quality", "How good the summary is overall at representing the post, "
-                    "all things considered.", [
-        "Very poor: misleading, incoherent, or missing the point of the post.",
-        "Decent: it conveys the main point, with noticeable flaws in accuracy, coverage or clarity.",
-        "Excellent: an accurate, complete and clear summary a reader could rely on instead of the post."]),
-    "accuracy": ("accuracy", "accuracy", "Whether the factual information in the summary matches the post.", [
-        "Many statements contradict the post or are not supported by it.",
-        "Mostly accurate, with some errors or statements the post does not support.",
-        "Completely accurate: everything the summary states is in the post."]),
-    "coverage": ("coverage", "coverage", "How well the summary covers the important information in the post.", [
-        "It misses all of the important information.",
-        "It covers the main point but misses some important details.",
-        "It covers all of the important information."]),
-    "coherence": ("coherence", "coherence", "How coherent the summary is on its own, read without the post.", [
-        "Incomprehensible: it cannot be understood.",
-        "Understandable with some effort: some mistakes or confusing parts.",
-        "Perfectly clear and easy to read."]),
-}
 
-# The last "Score: N": any case, spaces, markdown emphasis around the label or the number,
-# "=" for ":", a bracket; a trailing period is not a decimal point.
-_SCORE = re.compile(r"score\s*\**\s*[:=]\s*\**\s*\[?\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+def render_user_prompt(family: str, *, task: str, response: str, judged_score: str, score_rubrics: str,
+                       hint_sentence: str | None = None) -> str:
+    """Figure 1 filled in for `family`: its own score-range sentence only, the "### Hint"
+    section only when `hint_sentence` (already filled with the score) is given."""
+    p = judge_prompts()
+    text = p["main"]
+    for fam, sentence in p["score_range"].items():
+        if fam != family:
+            text = text.replace(" " + sentence, "", 1)
+    pps = p["hints"]["pps"]
+    text = (text.replace(_hint_section(pps), "", 1) if hint_sentence is None else
+            text.replace(_hint_section(pps), _hint_section(hint_sentence), 1))
+    values = {"task": task, "response": response, "judged score": judged_score, "score rubrics": score_rubrics}
+    # one pass: text inside the values is never read as a placeholder
+    return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+# "Score: N" as models write it: any case; markdown emphasis, spaces or a line break around
+# the label and the number ("**Score:** 4", "Score: **4**"); ":" or "="; the number in
+# brackets ("(4)", "[4]"); "N/D" or "N out of D". A trailing period is not a decimal point.
+_SCORE = re.compile(
+    r"score[\s*_]*[:=][\s*_]*[(\[]?[\s*_]*(?P<num>-?\d+(?:\.\d+)?)(?:[\s*_]*[)\]])?"
+    r"(?:[\s*_]*(?:/|out\s+of)\s*(?P<den>\d+))?(?P<range>\s*(?:-|–|to|or)\s*\d)?", re.IGNORECASE)
 _TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*")
 
 
@@ -130,9 +154,12 @@ def render_conversation(prompt: str) -> tuple[str, int]:
 class JudgeTask(DatasetTask):
     """Shared prompt, parser and reward of the judge tasks."""
 
-    hints = HINTS
-    leak_phrases = LEAK_PHRASES
-    lo, hi = 0, 4
+    default_pool = True
+    # Phrases that only the hint puts in a text (see Task.hint_leaked); "the score should
+    # be 3" is a rationale's own conclusion and is not among them.
+    leak_phrases = ("as if its score was", "the hint")
+    family = ""
+    lo, hi = 0, 4  # the dataset's score range (the rubric anchors may be fewer: 1, 4, 7)
     metrics: tuple[str, ...] = ()
 
     def __init__(self, metric: str = "helpfulness", **options):
@@ -140,6 +167,14 @@ class JudgeTask(DatasetTask):
             raise ValueError(f"{self.name}: unknown metric {metric!r}; expected one of {list(self.metrics)}")
         self.metric = metric
         super().__init__(**options)
+
+    @property
+    def hints(self) -> dict[str, str]:
+        return {k: v.replace("{conditioning}", "{y}") for k, v in judge_prompts()["hints"].items()}
+
+    def rubric(self) -> str:
+        """The Appendix B rubric of `self.metric`, one "Score N: ..." line per score."""
+        return judge_prompts()["rubrics"][self.family][self.metric]
 
     def gold(self, value, column: str) -> int | None:
         if value is None:
@@ -149,64 +184,57 @@ class JudgeTask(DatasetTask):
             raise ValueError(f"column {column!r}: score {value!r} is not an integer in [{self.lo}, {self.hi}]")
         return int(score)
 
-    def rubric(self) -> tuple[str, str]:
-        """(title, text) of the rubric of `self.metric`."""
-        raise NotImplementedError
-
     def messages(self, example, hint=None):
         f = example.fields
-        title, rubric = self.rubric()
-        user = TEMPLATE.format(
-            quality=title, quality_title=title[0].upper() + title[1:], subject=f["subject"], lo=self.lo, hi=self.hi,
-            instruction_title=f["instruction_title"], instruction=f["instruction"],
-            response_title=f["response_title"], response=f["response"], rubric=rubric,
-            hint="" if hint is None else "\n" + self.hint_text(hint, example.gold) + "\n")
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        user = render_user_prompt(self.family, task=f["instruction"], response=f["response"], judged_score=self.metric,
+                                  score_rubrics=self.rubric(),
+                                  hint_sentence=None if hint is None else self.hint_text(hint, example.gold))
+        return [{"role": "system", "content": judge_prompts()["system"]}, {"role": "user", "content": user}]
 
     def parse(self, text: str) -> int | None:
-        """The last "Score: N"; None when absent, not an integer, or outside [lo, hi]."""
-        hits = _SCORE.findall(text)
+        """The score of the last "Score: N" of `text` (see `_SCORE` for the shapes read);
+        None when there is none, or the last one is not an integer in [lo, hi], gives a
+        range ("2-3"), or a scale other than the task's ("3/5", "3 out of 5" on 0-4)."""
+        hits = list(_SCORE.finditer(text))
         if not hits:
             return None
-        v = float(hits[-1])
+        m = hits[-1]
+        if m.group("range") or (m.group("den") is not None and int(m.group("den")) != self.hi):
+            return None
+        v = float(m.group("num"))
         return int(v) if v.is_integer() and self.lo <= v <= self.hi else None
 
 
 class HelpSteer2(JudgeTask):
     name = "helpsteer2"
+    family = "helpsteer2"
     lo, hi = 0, 4
-    metrics = tuple(HELPSTEER2_RUBRICS)
+    metrics = FAMILIES["helpsteer2"][1]
     default_path = "nvidia/HelpSteer2"
-    stems = {"train": ("train",), "test": ("validation",)}
-    hub_splits = {"train": "train", "test": "validation"}
+    sources = {"train": "train", "test": "validation"}
 
     @property
     def columns(self):
         return ("prompt", "response", self.metric)
 
-    def rubric(self):
-        definition, anchors = HELPSTEER2_RUBRICS[self.metric]
-        return self.metric, definition + "\n" + "\n".join(f"{s}: {a}" for s, a in enumerate(anchors))
-
-    def example(self, split, index, row):
+    def example(self, source, index, row):
         gold = self.gold(row[self.metric], self.metric)
         if gold is None:
             return None
         instruction, turns = render_conversation(row["prompt"])
-        fields = {"instruction": instruction, "response": row["response"].strip(), "turns": turns,
-                  "subject": "the response of an AI assistant to the instruction below" if turns == 1 else
-                  "the response of an AI assistant to the last user turn of the conversation below",
-                  "instruction_title": "Instruction" if turns == 1 else "Conversation", "response_title": "Response"}
-        return Example(f"helpsteer2/{split}/{index}", gold, fields)
+        fields = {"instruction": instruction, "response": row["response"].strip(), "turns": turns}
+        return Example(f"helpsteer2/{source}/{index}", gold, fields)
 
 
 class SummarizeFeedback(JudgeTask):
     name = "summarize_feedback"
+    family = "summarize_feedback"
     lo, hi = 1, 7
-    metrics = tuple(SUMMARIZE_RUBRICS)
+    metrics = FAMILIES["summarize_feedback"][1]
+    # metric -> the data's axis column ("helpfulness" is the overall axis; see the module docstring)
+    axes = {"helpfulness": "overall", "accuracy": "accuracy", "coverage": "coverage", "coherence": "coherence"}
     default_path, default_config = "openai/summarize_from_feedback", "axis"
-    stems = {"train": ("validation",), "test": ("test",)}
-    hub_splits = {"train": "validation", "test": "test"}
+    sources = {"train": "validation", "test": "test"}
 
     @property
     def columns(self):
@@ -214,23 +242,18 @@ class SummarizeFeedback(JudgeTask):
 
     @property
     def axis(self) -> str:
-        return SUMMARIZE_RUBRICS[self.metric][0]
-
-    def rubric(self):
-        _, title, definition, anchors = SUMMARIZE_RUBRICS[self.metric]
-        return title, definition + "\n" + "\n".join(f"{s}: {a}" for s, a in zip((1, 4, 7), anchors))
+        return self.axes[self.metric]
 
     def keep(self, row):
         return (row.get("info") or {}).get("post") is not None
 
-    def example(self, split, index, row):
+    def example(self, source, index, row):
         gold = self.gold((row["summary"].get("axes") or {}).get(self.axis), f"summary.axes.{self.axis}")
         if gold is None:
             return None  # this row was not rated on the chosen axis: skipped and counted
         info = row["info"]
-        instruction = (f"Write a TL;DR summary of the following Reddit post.\n\nSUBREDDIT: r/{info.get('subreddit')}\n"
-                       f"TITLE: {info.get('title')}\nPOST: {info['post'].strip()}")
-        fields = {"instruction": instruction, "response": row["summary"]["text"].strip(),
-                  "subject": "a summary of a Reddit post", "instruction_title": "Post to summarize",
-                  "response_title": "Response (the summary)"}
-        return Example(f"summarize_feedback/{split}/{index}", gold, fields)
+        head = [f"{key}: {value}" for key, value in (("SUBREDDIT", info.get("subreddit") and f"r/{info['subreddit']}"),
+                                                     ("TITLE", info.get("title"))) if value]
+        instruction = "\n".join(["Summarize the following Reddit post.", "", *head, f"POST: {info['post'].strip()}"])
+        fields = {"instruction": instruction, "response": row["summary"]["text"].strip()}
+        return Example(f"summarize_feedback/{source}/{index}", gold, fields)

@@ -10,6 +10,10 @@
   Default hub copy: `DigitalLearningGmbH/MATH-lighteval` (Hendrycks MATH, train 7,500 /
   test 5,000 problems).
 
+Both read the dataset's own train and test splits (`pool: false`, the default here; the
+EM policy gradient paper uses the standard splits); `pool: true` draws both from their
+union instead (see base.py).
+
 The prompt asks for the final answer in `\\boxed{}`. `parse` reads, in order: the last
 `\\boxed{...}`; else (gsm8k) a "#### N" line; else the last "answer is X"; else the last
 number of the text. A model that boxes nothing is still scored on what it states last,
@@ -77,13 +81,13 @@ class GSM8K(DatasetTask):
     default_path, default_config = "openai/gsm8k", "main"
     columns = ("question", "answer")
 
-    def example(self, split, index, row):
+    def example(self, source, index, row):
         if "####" not in row["answer"]:
             raise ValueError("column 'answer' has no '#### N' final answer")
         gold = to_number(row["answer"].rsplit("####", 1)[1].replace(",", ""))
         if gold is None:
             raise ValueError(f"column 'answer': cannot read a number after '####' in {row['answer'][-40:]!r}")
-        return Example(f"gsm8k/{split}/{index}", gold, {"question": row["question"]})
+        return Example(f"gsm8k/{source}/{index}", gold, {"question": row["question"]})
 
     def messages(self, example, hint=None):
         parts = [example.fields["question"]]
@@ -113,12 +117,12 @@ class MATH(DatasetTask):
     def keep(self, row):
         return self.levels is None or _level(row) in self.levels
 
-    def example(self, split, index, row):
+    def example(self, source, index, row):
         gold = last_boxed(row["solution"] or "")
         if not gold:
             return None  # no boxed answer: skipped and counted
         fields = {"problem": row["problem"], "level": _level(row), "type": row["type"]}
-        return Example(f"math/{split}/{index}", gold, fields)
+        return Example(f"math/{source}/{index}", gold, fields)
 
     def messages(self, example, hint=None):
         parts = [example.fields["problem"]]
