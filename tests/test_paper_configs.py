@@ -3,8 +3,12 @@ the matrix they claim.
 
 - every experiment file loads through `load_config` (the include chain resolves, every key
   is known, validation passes) and builds its task through `get_task`;
-- the matrix is complete: 5 models x 9 judge metrics x 3 schemes, plus the EM policy
-  gradient runs (5 models x 2 math tasks x 2 objectives), and nothing else;
+- the matrix is complete: 5 models x 9 judge metrics x 3 schemes (Tables 1-2), the
+  Appendix C ablations (Qwen2.5-3B-Instruct x 5 HelpSteer2 metrics x RS-3, RS-5, PPS2,
+  PPS3, STaR2, STaR3: Tables 3-4), plus the EM policy gradient runs (5 models x 2 math
+  tasks x 2 objectives), and nothing else;
+- every value in base.yaml and the FEM parts says where it comes from ([paper ...],
+  [TRL], [ours]); no part still says that only the paper's abstract could be read;
 - generate.py is idempotent: its output equals the committed files byte for byte, and a
   second run into a fresh folder writes the same bytes;
 - each loaded config's fields equal what its file name and the papers' settings say. The
@@ -14,6 +18,7 @@ the matrix they claim.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -41,6 +46,9 @@ METRICS = {
 DATA = {"helpsteer2": "nvidia/HelpSteer2", "summarize_feedback": "openai/summarize_from_feedback",
         "gsm8k": "openai/gsm8k", "math": "DigitalLearningGmbH/MATH-lighteval"}
 SCHEMES = ["rs", "star", "pps"]
+# Appendix C: scheme part -> (estep.scheme, estep.budget), run with Qwen 3B on HelpSteer2 only
+ABLATIONS = {"rs-3": ("rs", 3), "rs-5": ("rs", 5), "pps2": ("pps2", 1), "pps3": ("pps3", 1),
+             "star2": ("star2", 1), "star3": ("star3", 1)}
 
 
 def _generate_module():
@@ -55,15 +63,20 @@ def _judge_files():
             for s in SCHEMES]
 
 
+def _ablation_files():
+    return [EXPERIMENTS / "qwen2.5-3b-instruct" / f"helpsteer2-{metric}-{s}.yaml" for metric in METRICS["helpsteer2"]
+            for s in ABLATIONS]
+
+
 def _math_files():
     return [EXPERIMENTS / m / f"{t}-{o}.yaml" for m in HUB for t in ("gsm8k", "math-l3-5") for o in ("empg", "grpo")]
 
 
 def test_matrix_is_complete_and_nothing_else():
     files = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in EXPERIMENTS.rglob("*") if p.is_file())
-    judge = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in _judge_files())
+    judge = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in _judge_files() + _ablation_files())
     math = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in _math_files())
-    assert len(judge) == 5 * 9 * 3 == 135 and len(math) == 5 * 2 * 2
+    assert len(judge) == 5 * 9 * 3 + 5 * 6 == 165 and len(math) == 5 * 2 * 2
     assert files == sorted(judge + math), (f"missing: {sorted(set(judge + math) - set(files))}; "
                                            f"unexpected: {sorted(set(files) - set(judge + math))}")
     # the matrix covers every metric the judge tasks define
@@ -72,7 +85,7 @@ def test_matrix_is_complete_and_nothing_else():
 
 
 def test_experiment_files_are_include_lists_with_a_departures_header():
-    for p in _judge_files() + _math_files():
+    for p in _judge_files() + _ablation_files() + _math_files():
         text = p.read_text()
         data = yaml.safe_load(text)
         assert list(data) == ["include"] and len(data["include"]) == 4, p
@@ -80,9 +93,36 @@ def test_experiment_files_are_include_lists_with_a_departures_header():
         assert "# Departures from the paper" in text, p
         for inc in data["include"]:
             assert (p.parent / inc).resolve().is_relative_to(PAPER), f"{p}: {inc} leaves configs/paper"
-    hinted = (EXPERIMENTS / "qwen2.5-1.5b-instruct" / "helpsteer2-helpfulness-pps.yaml").read_text()
-    assert "reject_hint_leaks=false" in hinted  # the leak filter is named as a departure where it applies
-    assert "reject_hint_leaks" not in (EXPERIMENTS / "qwen2.5-1.5b-instruct" / "helpsteer2-helpfulness-rs.yaml").read_text()
+    for p in _judge_files() + _ablation_files():
+        text = p.read_text()
+        assert "abstract" not in text, p  # the paper's full text was read
+        scheme = p.stem.split("-", 2)[-1] if "-rs-" not in p.stem else "rs-" + p.stem.rsplit("-", 1)[1]
+        hinted = scheme.startswith(("pps", "star"))
+        # where hinted draws occur, the file says the paper keeps them and names our filter
+        assert ("reject_hint_leaks=true" in text) is hinted, p
+        if scheme.startswith("rs"):
+            assert f"RS budget M = {scheme[3:] or 1}" in text, p
+
+
+def _check_fem(cfg, where, model, task, metric, scheme, budget):
+    """The FEM paper's settings (Section 4.1), written out here, not read from the parts."""
+    assert cfg.model.path == HUB[model] and cfg.model.dtype == "bfloat16", where
+    assert cfg.task.name == task, where
+    assert cfg.task.options == {"n_train": 2000, "n_test": 2000, "path": DATA[task], "metric": metric, "pool": True,
+                                **({"config": "axis"} if task == "summarize_feedback" else {})}, where
+    assert cfg.estep.scheme == scheme and cfg.estep.samples_per_prompt == 1, where
+    assert cfg.estep.budget == budget, where  # M = 1 in the tables; 3, 5 in Appendix C
+    assert cfg.estep.reject_hint_leaks is False, where  # the paper keeps every correct draw
+    assert cfg.mstep.objective == "fem", where
+    assert (cfg.mstep.lr_start, cfg.mstep.lr_end) == (1e-6, 1e-7), where
+    assert cfg.mstep.epochs == 1 and cfg.mstep.restart_from_base is False, where
+    assert (cfg.mstep.weight_decay, cfg.mstep.b1, cfg.mstep.b2, cfg.mstep.grad_clip) == (0.0, 0.9, 0.999, 1.0), where
+    assert cfg.run.iterations == 5 and cfg.run.seed == 257, where
+    assert cfg.rollout.backend == "vllm" and cfg.run.mesh == "data=1,fsdp=-1,tensor=1", where
+    assert cfg.mstep.batch_size % cfg.mstep.micro_batch_size == 0, where
+    t = get_task(cfg.task.name, **cfg.task.options)  # the options are the task's (no data is read)
+    assert t.metric == metric and t.path == DATA[task] and t.n == {"train": 2000, "test": 2000}, where
+    assert t.pool is True, where  # both splits drawn per seed from one pool (Section 4.1)
 
 
 @pytest.mark.parametrize("model", list(HUB))
@@ -91,24 +131,38 @@ def test_judge_experiments_load_with_the_papers_settings(model):
         for metric in metrics:
             for scheme in SCHEMES:
                 p = EXPERIMENTS / model / f"{task}-{metric}-{scheme}.yaml"
-                cfg = load_config(p)
-                where = p.relative_to(PAPER)
-                assert cfg.model.path == HUB[model] and cfg.model.dtype == "bfloat16", where
-                assert cfg.task.name == task, where
-                assert cfg.task.options == {"n_train": 2000, "n_test": 2000, "path": DATA[task], "metric": metric,
-                                            **({"config": "axis"} if task == "summarize_feedback" else {})}, where
-                assert cfg.estep.scheme == scheme and cfg.estep.samples_per_prompt == 1, where
-                assert cfg.mstep.objective == "fem", where
-                assert (cfg.mstep.lr_start, cfg.mstep.lr_end) == (1e-6, 1e-7), where
-                assert cfg.mstep.epochs == 1 and cfg.mstep.restart_from_base is False, where
-                assert cfg.run.iterations == 5 and cfg.run.seed == 257, where
-                assert cfg.rollout.backend == "vllm" and cfg.run.mesh == "data=1,fsdp=-1,tensor=1", where
-                assert cfg.mstep.batch_size % cfg.mstep.micro_batch_size == 0, where
-                t = get_task(cfg.task.name, **cfg.task.options)  # the options are the task's (no data is read)
-                assert t.metric == metric and t.path == DATA[task] and t.n == {"train": 2000, "test": 2000}, where
+                _check_fem(load_config(p), p.relative_to(PAPER), model, task, metric, scheme, 1)
     # the 7B/8B models recompute layers in the M-step; memory only, the same math
-    assert load_config(EXPERIMENTS / model / "helpsteer2-helpfulness-pps.yaml").model.remat is (
-        model in ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct"))
+    assert load_config(EXPERIMENTS / model / "helpsteer2-helpfulness-pps.yaml").model.remat == (
+        "full" if model in ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct") else "none")
+
+
+@pytest.mark.parametrize("part,scheme_budget", list(ABLATIONS.items()))
+def test_appendix_c_ablations_load(part, scheme_budget):
+    scheme, budget = scheme_budget
+    for metric in METRICS["helpsteer2"]:
+        p = EXPERIMENTS / "qwen2.5-3b-instruct" / f"helpsteer2-{metric}-{part}.yaml"
+        _check_fem(load_config(p), p.relative_to(PAPER), "qwen2.5-3b-instruct", "helpsteer2", metric, scheme, budget)
+    # the paper ran them with Qwen 3B on HelpSteer2 only
+    assert not [p for p in EXPERIMENTS.rglob(f"*-{part}.yaml")
+                if p.parent.name != "qwen2.5-3b-instruct" or not p.name.startswith("helpsteer2-")]
+
+
+def test_every_fem_value_says_where_it_comes_from():
+    parts = [PAPER / "base.yaml", *sorted((PAPER / "schemes").glob("*.yaml")), *sorted((PAPER / "models").glob("*.yaml")),
+             *sorted((PAPER / "tasks").glob("helpsteer2-*.yaml")), *sorted((PAPER / "tasks").glob("summarize_feedback-*.yaml"))]
+    assert len(parts) == 1 + 9 + 5 + 9
+    for p in parts:
+        text = p.read_text()
+        assert "abstract" not in text and "from memory" not in text, p  # the old caveats are gone
+        assert re.search(r"Section|Appendix|Figure|Table|§", text), f"{p}: cites nothing in the paper"
+    # base.yaml: every leaf value carries its source on its line
+    for n, line in enumerate((PAPER / "base.yaml").read_text().splitlines(), 1):
+        if re.match(r"^\s+\w+: \S", line) and not line.lstrip().startswith("#"):
+            assert re.search(r"# \[(paper|TRL|ours)", line), f"base.yaml:{n}: {line.strip()!r} has no [paper]/[TRL]/[ours]"
+    rs = yaml.safe_load((PAPER / "schemes" / "rs.yaml").read_text())
+    assert rs == {"estep": {"scheme": "rs", "budget": 1}}
+    assert "[paper §4.1]" in (PAPER / "schemes" / "rs.yaml").read_text()
 
 
 @pytest.mark.parametrize("model", list(HUB))
@@ -143,7 +197,7 @@ def test_generate_is_idempotent_and_matches_the_committed_files(tmp_path):
     root = tmp_path / "paper"
     shutil.copytree(PAPER, root, ignore=shutil.ignore_patterns("experiments", "__pycache__"))
     first = gen.write(root)
-    assert len(first) == 155 and all(c.startswith("+ ") for c in first)
+    assert len(first) == 185 and all(c.startswith("+ ") for c in first)
     assert gen.write(root) == []
     for p in EXPERIMENTS.rglob("*.yaml"):
         assert (root / "experiments" / p.relative_to(EXPERIMENTS)).read_bytes() == p.read_bytes(), p
