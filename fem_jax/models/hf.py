@@ -8,19 +8,27 @@ place (a donated update): host memory holds one block beyond the model. With a m
 read opens the safetensors file and closes it again, so the file's pages do not stay
 mapped into the process.
 
-`save_pretrained` walks the same table backwards, one layer tensor at a time, into
-safetensors shards of bounded size, writes into a temporary folder and renames it.
+`save_params` (and `save_pretrained`, its form for a model) walks the same table
+backwards, one layer tensor at a time, into safetensors shards of bounded size, in a
+temporary folder published when complete (fem_jax.io.atomic_folder).
+
+The one codec between the two layouts (`hf_shape`, `to_hf`, `to_ours`, keyed by the
+table's layout strings) and the one streamed safetensors writer (`hf_tensors` +
+`write_safetensors`: block by block, each file's size and sha256 returned) live here;
+checkpoint.export_hf uses them with blocks read from TensorStore instead of device arrays.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import math
 import os
 import shutil
-import tempfile
+import struct
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +36,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from ..io import atomic_folder, read_json
 from .transformer import ModelConfig, Transformer, param_shapes
 
 # (Hugging Face name, our path, layout). `{i}` marks a per-layer tensor, stacked on our
@@ -63,6 +71,7 @@ TOKENIZER_FILES = (
 )
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensors' names
 
 
 def np_dtype(dtype) -> np.dtype:
@@ -73,31 +82,49 @@ def np_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
-def _to_ours(a: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+# ----------------------------------------------------------------------------- the layout codec
+
+
+def hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The Hugging Face shape of a tensor of our `shape` stored with `layout`."""
+    if layout == "copy":
+        return tuple(shape)
+    if layout == "T":
+        return tuple(reversed(shape))
+    if layout == "in_heads":  # (d, n, h) -> (n*h, d)
+        return (shape[1] * shape[2], shape[0])
+    if layout == "out_heads":  # (n, h, d) -> (d, n*h)
+        return (shape[2], shape[0] * shape[1])
+    if layout == "heads":  # (n, h) -> (n*h,)
+        return (shape[0] * shape[1],)
+    raise AssertionError(layout)
+
+
+def to_hf(a: np.ndarray, layout: str) -> np.ndarray:
+    """Our layout -> Hugging Face's (a view where it can be: writers copy it contiguously)."""
     if layout == "copy":
         return a
     if layout == "T":
         return a.T
     if layout == "in_heads":
-        return a.T.reshape(shape)
+        return a.reshape(a.shape[0], -1).T
     if layout == "out_heads":
-        return a.T.reshape(shape)
+        return a.reshape(-1, a.shape[-1]).T
     if layout == "heads":
-        return a.reshape(shape)
+        return a.reshape(-1)
     raise AssertionError(layout)
 
 
-def _to_hf(a: np.ndarray, layout: str) -> np.ndarray:
+def to_ours(a: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Hugging Face's layout -> ours, `shape` being our shape (the inverse of to_hf)."""
     if layout == "copy":
         return a
     if layout == "T":
-        return np.ascontiguousarray(a.T)
-    if layout == "in_heads":  # (d, n, h) -> (n*h, d)
-        return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
-    if layout == "out_heads":  # (n, h, d) -> (d, n*h)
-        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+        return a.T
+    if layout in ("in_heads", "out_heads"):
+        return a.T.reshape(shape)
     if layout == "heads":
-        return a.reshape(-1)
+        return a.reshape(shape)
     raise AssertionError(layout)
 
 
@@ -108,7 +135,10 @@ class SafetensorsReader:
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            m = read_json(index)
+            weight_map = m.get("weight_map") if isinstance(m, dict) else None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object")
         elif (self.path / "model.safetensors").exists():
             with safe_open(self.path / "model.safetensors", "numpy") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
@@ -174,7 +204,7 @@ def load_params(
             """This layer's tensor in our layout and dtype (i = -1: the unstacked one)."""
             if i not in cache:  # several shards of one device callback may ask for one layer
                 cache.clear()
-                a = _to_ours(reader.get(hf_name.format(i=i)), layout, want)
+                a = to_ours(reader.get(hf_name.format(i=i)), layout, want)
                 if a.shape != tuple(want):
                     raise ValueError(f"{path}: {hf_name.format(i=i)} has shape {a.shape} after "
                                      f"layout {layout}, expected {tuple(want)}")
@@ -210,13 +240,12 @@ def _fill_in_place(reader, hf_name, layout, shape, stacked, layer, sharding, dt,
         return out
     if layout not in ("copy", "T") or len(shape) != 2:
         return _place(out, layer(-1), (zero,) * len(shape))
-    hf_shape = reader.shape(hf_name)
-    if tuple(hf_shape[::-1] if layout == "T" else hf_shape) != tuple(shape):
-        raise ValueError(f"{path}: {hf_name} has shape {tuple(hf_shape)}, expected "
-                         f"{tuple(shape[::-1] if layout == 'T' else shape)}")
-    step = max(1, _BLOCK_BYTES // (hf_shape[1] * dt.itemsize))
-    for a in range(0, hf_shape[0], step):
-        block = reader.get(hf_name, slice(a, min(a + step, hf_shape[0]))).astype(dt, copy=False)
+    stored = reader.shape(hf_name)
+    if stored != hf_shape(shape, layout):
+        raise ValueError(f"{path}: {hf_name} has shape {stored}, expected {hf_shape(shape, layout)}")
+    step = max(1, _BLOCK_BYTES // (stored[1] * dt.itemsize))
+    for a in range(0, stored[0], step):
+        block = reader.get(hf_name, slice(a, min(a + step, stored[0]))).astype(dt, copy=False)
         if layout == "T":
             out = _place(out, block.T, (zero, np.int32(a)))
         else:
@@ -228,19 +257,19 @@ def _read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.exists():
         raise FileNotFoundError(f"{file}: not found (is {path} a Hugging Face model folder?)")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
-def from_pretrained(path: str | os.PathLike, dtype="float32", mesh=None, rules=None) -> Transformer:
-    """Load a Llama/Qwen2 Hugging Face folder (or a builtin model name) into a Transformer.
+def from_pretrained(path: str | os.PathLike, dtype="float32", mesh=None) -> Transformer:
+    """Load a Llama/Qwen2 Hugging Face folder into a Transformer (builtin model names go
+    through `fem_jax.models.from_pretrained`, which resolves them to a folder first).
 
     With `mesh`, each tensor lands directly in its shards per fem_jax.sharding's table.
     """
     path = Path(path)
     if not path.is_dir():
-        from .builtin import resolve_model_path
-
-        path = Path(resolve_model_path(str(path)))
+        raise FileNotFoundError(f"{path}: not a folder (for a builtin model name use "
+                                "fem_jax.models.from_pretrained or fem_jax.models.resolve)")
     cfg = ModelConfig.from_hf_config(_read_config(path))
     if mesh is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -249,12 +278,11 @@ def from_pretrained(path: str | os.PathLike, dtype="float32", mesh=None, rules=N
         from ..sharding import param_sharding
 
         shapes = param_shapes(cfg)
-        sharding_for = lambda name: param_sharding(mesh, shapes[name][1], shapes[name][0], rules)  # noqa: E731
+        sharding_for = lambda name: param_sharding(mesh, shapes[name][1], shapes[name][0])  # noqa: E731
     params = load_params(path, cfg, dtype, sharding_for)
     jdt = jnp.dtype(np_dtype(dtype))
     model = nnx.eval_shape(lambda: Transformer(cfg, dtype=jdt, rngs=nnx.Rngs(0)))
     model.set_params(params)
-    model.source_path = str(path)
     return model
 
 
@@ -276,6 +304,141 @@ def write_side_files(folder: Path, cfg: ModelConfig, dtype: str, tokenizer_from=
                 shutil.copy(src / f, folder / f)
 
 
+# ----------------------------------------------------------------------------- writing safetensors
+
+
+class HFTensor:
+    """One Hugging Face tensor to write: its name, shape and a producer of its blocks (in
+    order, in the HF layout, whose bytes concatenate to the tensor's)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], blocks: Callable[[], Iterator[np.ndarray]]):
+        self.name, self.shape, self.blocks = name, tuple(shape), blocks
+
+
+def hf_tensors(cfg: ModelConfig, read: Callable[[str, tuple], np.ndarray], dt: np.dtype) -> list[HFTensor]:
+    """The model's tensors in NAME_TABLE order, each read lazily through `read(ours, index)`
+    (our parameter `ours` indexed by a tuple of ints/slices, as a numpy array): one layer
+    of a stacked parameter, or one block of at most _BLOCK_BYTES rows of a `copy`/`T`
+    matrix (the embedding, the output head), at a time."""
+    shapes = param_shapes(cfg)
+    out = []
+    for hf_name, ours, layout in _table_for(cfg):
+        shape = shapes[ours][0]
+        if "{i}" in hf_name:
+            for i in range(shape[0]):
+                def blocks(ours=ours, i=i, layout=layout):
+                    yield to_hf(read(ours, (i,)).astype(dt, copy=False), layout)
+
+                out.append(HFTensor(hf_name.format(i=i), hf_shape(shape[1:], layout), blocks))
+            continue
+        hfs = hf_shape(shape, layout)
+
+        def blocks(ours=ours, layout=layout, hfs=hfs):
+            if len(hfs) != 2 or layout not in ("copy", "T"):
+                yield to_hf(read(ours, ()).astype(dt, copy=False), layout)
+                return
+            rows = max(1, _BLOCK_BYTES // (hfs[1] * max(dt.itemsize, 4)))
+            for r0 in range(0, hfs[0], rows):
+                r = slice(r0, min(hfs[0], r0 + rows))
+                if layout == "copy":
+                    yield read(ours, (r,)).astype(dt, copy=False)
+                else:  # ours (d, v) -> hf (v, d): columns r transposed
+                    yield read(ours, (slice(None), r)).astype(dt, copy=False).T
+
+        out.append(HFTensor(hf_name, hfs, blocks))
+    return out
+
+
+def _write_file(file: Path, tensors: list[HFTensor], dtype: str) -> dict:
+    """One safetensors file, written block by block; {"bytes", "sha256"} of it."""
+    dt = np_dtype(dtype)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in tensors:
+        n = math.prod(t.shape) * dt.itemsize
+        header[t.name] = {"dtype": _ST_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    h = hashlib.sha256()
+    with open(file, "wb") as f:
+        for chunk in (struct.pack("<Q", len(hb)), hb):
+            f.write(chunk)
+            h.update(chunk)
+        for t in tensors:
+            want = header[t.name]["data_offsets"][1] - header[t.name]["data_offsets"][0]
+            got = 0
+            for block in t.blocks():
+                b = np.ascontiguousarray(block, dtype=dt).reshape(-1).view(np.uint8)  # no extra copy
+                f.write(b)
+                h.update(b)
+                got += b.size
+            if got != want:
+                raise AssertionError(f"{t.name}: wrote {got} bytes, expected {want}")
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": 8 + len(hb) + off, "sha256": h.hexdigest()}
+
+
+def write_safetensors(folder: str | os.PathLike, tensors: list[HFTensor], dtype: str,
+                      max_shard_bytes: int) -> dict[str, dict]:
+    """`tensors` into `folder` as model.safetensors, or as model-0000j-of-0000n.safetensors
+    shards of at most `max_shard_bytes` of tensor data each (a bigger tensor gets a shard of
+    its own) with model.safetensors.index.json. Streamed: one block in memory at a time.
+    Returns {file name: {"bytes", "sha256"}} of the shards written."""
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported ({', '.join(_ST_DTYPES)})")
+    folder, dt = Path(folder), np_dtype(dtype)
+    nbytes = {t.name: math.prod(t.shape) * dt.itemsize for t in tensors}
+    shards: list[list[HFTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + nbytes[t.name] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes[t.name]
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))])
+    files = {name: _write_file(folder / name, shard, dtype) for name, shard in zip(names, shards)}
+    if len(shards) > 1:
+        wm = {t.name: name for name, shard in zip(names, shards) for t in shard}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(wm.items()))}, indent=2))
+    return files
+
+
+def dtype_name(dtype) -> str:
+    """'float32' | 'bfloat16' | 'float16' for a numpy/jax dtype."""
+    names = {np.dtype(v): k for k, v in _DTYPES.items()}
+    if np.dtype(dtype) not in names:
+        raise ValueError(f"dtype {dtype} is not supported ({', '.join(_DTYPES)})")
+    return names[np.dtype(dtype)]
+
+
+def save_params(
+    params: dict[str, jax.Array],
+    model_config: ModelConfig | dict,
+    out_dir: str | os.PathLike,
+    tokenizer_from: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write parameters (our flat {path: array} dict, on any devices or mesh) as a Hugging
+    Face folder: config, safetensors shards with an index above `max_shard_bytes`,
+    generation config, tokenizer files from `tokenizer_from`. `model_config` is a
+    ModelConfig or its Hugging Face dict (cfg.to_hf_config()); `dtype` defaults to the
+    embedding's. Streamed: one layer (or block of embedding rows) on the host at a time.
+    Written into a temporary sibling folder and published when complete (fem_jax.io)."""
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_hf_config(model_config)
+    dtype = dtype or dtype_name(params["embed"].dtype)
+    read = lambda ours, index: np.asarray(jax.device_get(params[ours][index]))  # noqa: E731
+    with atomic_folder(out_dir) as tmp:
+        write_safetensors(tmp, hf_tensors(cfg, read, np_dtype(dtype)), dtype, max_shard_bytes)
+        write_side_files(tmp, cfg, dtype, tokenizer_from)
+    return Path(out_dir).absolute()
+
+
 def save_pretrained(
     model: Transformer,
     out_dir: str | os.PathLike,
@@ -285,71 +448,7 @@ def save_pretrained(
     params: dict[str, jax.Array] | None = None,
 ) -> Path:
     """Write a Hugging Face folder (config, safetensors shards with an index above
-    `max_shard_bytes`, generation config, tokenizer files) that transformers and vLLM load.
-
-    Written into a temporary sibling folder and renamed when complete.
-    """
-    cfg = model.cfg
-    params = params if params is not None else model.param_dict()
-    if dtype is None:
-        dtype = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
-                 np.dtype(np.float16): "float16"}[np.dtype(params["embed"].dtype)]
-    dt = np_dtype(dtype)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        L = cfg.num_hidden_layers
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        files: list[str] = []
-        weight_map: dict[str, str] = {}
-
-        def flush():
-            nonlocal size
-            if not shards[-1]:
-                return
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shards[-1], tmp / name, metadata={"format": "pt"})
-            files.append(name)
-            for k in shards[-1]:
-                weight_map[k] = name
-            shards[-1] = {}
-            size = 0
-
-        for hf_name, ours, layout in _table_for(cfg):
-            arr = params[ours]
-            for i in range(L) if "{i}" in hf_name else [None]:
-                host = np.asarray(jax.device_get(arr[i] if i is not None else arr))
-                t = _to_hf(host.astype(dt), layout)
-                if size and size + t.nbytes > max_shard_bytes:
-                    flush()
-                shards[-1][hf_name.format(i=i)] = t
-                size += t.nbytes
-        flush()
-        if len(files) == 1:
-            os.replace(tmp / files[0], tmp / "model.safetensors")
-        else:
-            n = len(files)
-            total = 0
-            for j, f in enumerate(files):
-                new = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
-                os.replace(tmp / f, tmp / new)
-                total += (tmp / new).stat().st_size
-                for k, v in list(weight_map.items()):
-                    if v == f:
-                        weight_map[k] = new
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        write_side_files(tmp, cfg, dtype, tokenizer_from)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    `max_shard_bytes`, generation config, tokenizer files) that transformers and vLLM load:
+    save_params of the model's parameters (or of `params`, in the model's config)."""
+    return save_params(params if params is not None else model.param_dict(), model.cfg, out_dir,
+                       tokenizer_from=tokenizer_from, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import string
-import tempfile
 from pathlib import Path
+
+from ..io import tmp_sibling
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -50,8 +51,7 @@ def build(folder: str | os.PathLike, family: str = "llama", seed: int = 0) -> Pa
     from .transformer import ModelConfig, Transformer
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tok-", dir=folder.parent))
+    tmp = tmp_sibling(folder)  # the tokenizer, read by save_pretrained
     try:
         tok = _tokenizer(tmp)
         cfg = ModelConfig(
@@ -70,10 +70,11 @@ def build(folder: str | os.PathLike, family: str = "llama", seed: int = 0) -> Pa
 TINY = ("tiny-random-llama", "tiny-random-qwen2")
 
 
-def materialize(name: str, cache_dir: str | os.PathLike) -> Path:
+def materialize(name: str, cache: str | os.PathLike) -> Path:
+    """The tiny model's folder in `cache`, built there on first use (see models.resolve)."""
     if name not in TINY:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
-    folder = Path(cache_dir) / name
+    folder = Path(cache) / name
     if not (folder / "config.json").exists():
         build(folder, family=name.rsplit("-", 1)[1])
     return folder
