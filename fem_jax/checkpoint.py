@@ -3,55 +3,75 @@
 `Checkpointer` keeps one orbax step per EM iteration under a root folder: the
 parameters (a flat {path: jax.Array} dict, sharded over any mesh), optionally the optax
 state, and a JSON `meta` (model config, tokenizer folder, metrics). Saves are blocking
-and atomic: orbax writes into a temporary step folder and renames it when complete, so
-a process killed mid-save leaves no step that `latest_step()` reports. `restore` reads
-straight into the shardings of the given `params_like`, so a checkpoint saved on one
-mesh restores on another.
+and atomic: orbax writes into a temporary step folder and renames it when complete.
+`restore` reads straight into the shardings of the given `params_like`, so a checkpoint
+saved on one mesh restores on another.
+
+Sealed steps. Once orbax has finished a step, `save` writes `fem_manifest.json` into the
+step folder (relative path, size and sha256 of every file; process 0 only, after a
+barrier, with several processes), atomically. `restore`, `restore_meta` and `export_hf`
+check the step against it first and raise `CheckpointCorrupt` naming the file that is
+missing, truncated, overwritten or added. A step that orbax finished but that has no
+manifest (the process died in between, or it predates manifests) is *unsealed*:
+`all_steps()` / `latest_step()` leave it out, `unsealed_steps()` lists it, restoring it
+raises `CheckpointUnsealed`, `drop_unsealed()` deletes it through orbax and `seal()`
+adopts it as it is. `save(k)` over an unsealed step k replaces it. `max_to_keep` counts
+sealed steps only, and the oldest is deleted only after the new step is sealed.
 
 `export_hf` streams a step into a Hugging Face folder without ever holding the model on
 the host: it opens each stored array with TensorStore and reads one layer slice (or,
-for the embedding and the output head, one block of rows) at a time, converts it to the
-Hugging Face layout and dtype, and appends it to the safetensors shard being written.
-Peak host memory is one such block plus TensorStore's chunk buffers, not the model and
-not even a whole shard. Parameters are saved with one layer per storage chunk
+for the embedding and the output head, one block of rows) at a time, converts it with
+models.hf's codec and writes it with models.hf's streamed safetensors writer. Peak host
+memory is one such block plus TensorStore's chunk buffers, not the model and not even a
+whole shard. Parameters are saved with one layer per storage chunk
 (`SaveArgs(shard_axes=(0,))`) so that reading a layer touches only that layer's bytes.
-The folder is written under a temporary name and renamed when complete, with a
-`manifest.json` (size and sha256 of every file) that `verify_export` checks: readers
-(VllmEngine) refuse a partial or corrupt export with an error naming the file.
+The folder is written under a temporary name and published when complete
+(fem_jax.io.publish), with a `manifest.json` (size and sha256 of every file) that
+`verify_export` checks: readers (VllmEngine) refuse a partial or corrupt export with an
+error naming the file.
 
 `import_hf` goes the other way (a Hugging Face folder into a checkpoint step).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import struct
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
-from .models.hf import NAME_TABLE, TOKENIZER_FILES, np_dtype, write_side_files
+from .io import CorruptError, atomic_folder, atomic_write_text, check_files, fsync_dir, hash_files, read_json
+from .models.hf import TOKENIZER_FILES, hf_tensors, np_dtype, write_safetensors, write_side_files
 from .models.transformer import ModelConfig, param_shapes
 
 ITEMS = ("params", "opt_state", "meta")
 FORMAT = "fem-jax/1"
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # of an HF export
 MANIFEST_FORMAT = "fem-jax-hf-export/1"
+STEP_MANIFEST = "fem_manifest.json"  # of a checkpoint step: present = sealed
+STEP_MANIFEST_FORMAT = "fem-jax-checkpoint-step/1"
 ASSETS_DIR = "hf_assets"  # tokenizer files that import_hf copies next to the steps
-CHUNK_BYTES = 64 * 1024**2  # orbax storage chunks and export read blocks are at most this
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+CHUNK_BYTES = 64 * 1024**2  # orbax storage chunks are at most this
 
 
-class ExportError(ValueError):
+class ExportError(CorruptError):
     """A Hugging Face export is partial, corrupt or not an export of ours."""
+
+
+class CheckpointCorrupt(CorruptError):
+    """A checkpoint step differs from its fem_manifest.json (a file missing, truncated,
+    overwritten or added), or a file of it cannot be read. The message names the file."""
+
+
+class CheckpointUnsealed(CheckpointCorrupt):
+    """orbax finished the step but it has no fem_manifest.json: the process stopped between
+    the two, or the step predates manifests. Checkpointer.drop_unsealed() deletes it;
+    Checkpointer.seal() adopts it as it is."""
 
 
 def _ocp():
@@ -94,23 +114,34 @@ def _like(x):
     return x
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
-    """An orbax CheckpointManager under `root`: one step per EM iteration."""
+    """An orbax CheckpointManager under `root`: one sealed step per EM iteration.
+
+    With several processes every method is collective (call it on every process), as
+    orbax's own save and delete are."""
 
     def __init__(self, root: str | os.PathLike, max_to_keep: int | None = None, create: bool = True):
         ocp = _ocp()
         self.root = Path(root).absolute()
         if not create and not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no checkpoint folder")
-        self._mgr = ocp.CheckpointManager(
+        self._keep = max_to_keep
+        self._mgr = ocp.CheckpointManager(  # it keeps every step: _prune deletes only sealed ones
             self.root,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=create),
             item_names=ITEMS,
         )
 
     def save(self, step: int, params: dict[str, jax.Array], opt_state=None, meta: dict | None = None) -> None:
-        """Blocking, atomic save. `meta` is JSON; `model_config` in it (cfg.to_hf_config())
-        is what export_hf needs."""
+        """Blocking, atomic save, then sealed. `meta` is JSON; `model_config` in it
+        (cfg.to_hf_config()) is what export_hf needs. An unsealed step `step` is replaced."""
         ocp = _ocp()
         step = int(step)
         if step in self.all_steps():
@@ -121,47 +152,121 @@ class Checkpointer:
             "has_opt_state": opt_state is not None,
             "params": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in params.items()},
         }
+        if step in self.unsealed_steps():
+            self._mgr.delete(step)
         items = {"params": ocp.args.StandardSave(dict(params), save_args=_save_args(params)),
                  "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
         self._mgr.wait_until_finished()
+        self.seal(step)
+        self._prune()
 
-    def latest_step(self) -> int | None:
-        self._mgr.reload()
-        return self._mgr.latest_step()
+    def seal(self, step: int) -> None:
+        """Write step `step`'s manifest (process 0, after every process has finished
+        writing), atomically. `save` does this; call it yourself only to adopt an unsealed
+        step as it stands now (e.g. one saved before manifests existed)."""
+        step = int(step)
+        if step not in self._orbax_steps():
+            raise FileNotFoundError(f"{self.root}: no step {step} to seal")
+        _barrier(f"fem_jax_seal_{step}_written")
+        if jax.process_index() == 0:
+            d = self._dir(step)
+            files = hash_files(d, skip=[STEP_MANIFEST])
+            atomic_write_text(d / STEP_MANIFEST, json.dumps(
+                {"format": STEP_MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+            fsync_dir(d)
+        _barrier(f"fem_jax_seal_{step}_sealed")
 
-    def all_steps(self) -> list[int]:
+    def _prune(self) -> None:
+        if self._keep:
+            for s in self.all_steps()[:-self._keep]:
+                self._mgr.delete(s)
+
+    def _dir(self, step: int) -> Path:
+        return self.root / str(step)
+
+    def _orbax_steps(self) -> list[int]:
+        """Every step orbax finished, sealed or not."""
         self._mgr.reload()
         return sorted(int(s) for s in self._mgr.all_steps())
+
+    def all_steps(self) -> list[int]:
+        """The sealed steps, ascending."""
+        return [s for s in self._orbax_steps() if (self._dir(s) / STEP_MANIFEST).is_file()]
+
+    def latest_step(self) -> int | None:
+        """The newest sealed step (an unsealed one, even a newer one, is not reported)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def unsealed_steps(self) -> list[int]:
+        """Steps orbax finished that have no manifest: not to be trusted or restored."""
+        return [s for s in self._orbax_steps() if not (self._dir(s) / STEP_MANIFEST).is_file()]
+
+    def drop_unsealed(self) -> list[int]:
+        """Delete every unsealed step (through orbax, so its bookkeeping stays right);
+        return them."""
+        dropped = self.unsealed_steps()
+        for s in dropped:
+            self._mgr.delete(s)
+        return dropped
+
+    def verify_step(self, step: int, checksums: bool = True) -> dict:
+        """Check step `step` against its manifest (every file present, of its size, with
+        `checksums` its sha256, and no file added); return the manifest. Raises
+        CheckpointUnsealed without a manifest, CheckpointCorrupt naming the file otherwise."""
+        d = self._dir(int(step))
+        mf = d / STEP_MANIFEST
+        if not mf.is_file():
+            raise CheckpointUnsealed(
+                f"{mf}: missing: step {step} is unsealed (its process stopped after orbax wrote it, or it "
+                "predates manifests); Checkpointer.drop_unsealed() removes it, Checkpointer.seal() adopts it")
+        m = read_json(mf, CheckpointCorrupt)
+        if not isinstance(m, dict) or m.get("format") != STEP_MANIFEST_FORMAT or m.get("step") != int(step):
+            raise CheckpointCorrupt(f"{mf}: not a manifest of step {step} "
+                                    f"(format {m.get('format') if isinstance(m, dict) else None!r})")
+        check_files(d, m.get("files") or {}, mf, CheckpointCorrupt, checksums=checksums, extra_ok=[STEP_MANIFEST])
+        return m
 
     def _check_step(self, step: int | None) -> int:
         steps = self.all_steps()
         if step is None:
             if not steps:
-                raise FileNotFoundError(f"{self.root}: no complete checkpoint step")
+                unsealed = self.unsealed_steps()
+                raise FileNotFoundError(f"{self.root}: no complete checkpoint step"
+                                        + (f" (unsealed steps: {unsealed})" if unsealed else ""))
             return steps[-1]
         if int(step) not in steps:
+            if int(step) in self.unsealed_steps():
+                self.verify_step(step)  # raises CheckpointUnsealed, naming the missing manifest
             raise FileNotFoundError(f"{self.root}: no complete step {step} (steps: {steps})")
         return int(step)
 
-    def step_dir(self, step: int | None = None) -> Path:
-        return self.root / str(self._check_step(step))
-
-    def restore_meta(self, step: int | None = None) -> dict:
+    def restore_meta(self, step: int | None = None, verify: bool = True) -> dict:
+        """Step `step`'s meta (None: the latest), after verify_step unless `verify` is False."""
         ocp = _ocp()
         step = self._check_step(step)
-        r = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        if verify:
+            self.verify_step(step)
+        try:
+            r = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except ValueError as e:  # json.JSONDecodeError and orbax's own
+            f = self._dir(step) / "meta" / "metadata"
+            raise CheckpointCorrupt(f"{f if f.exists() else f.parent}: unreadable checkpoint meta "
+                                    f"({type(e).__name__}: {e})") from None
         return dict(r["meta"])
 
-    def restore(self, step: int | None, params_like: dict, opt_state_like=None) -> tuple[dict, Any, dict]:
-        """(params, opt_state, meta) at `step` (None: the latest). `params_like` holds
-        jax.ShapeDtypeStruct with .sharding (or arrays): each array is read straight into
-        that sharding, whatever mesh saved it."""
+    def restore(self, step: int | None, params_like: dict, opt_state_like=None,
+                verify: bool = True) -> tuple[dict, Any, dict]:
+        """(params, opt_state, meta) at `step` (None: the latest sealed one), after
+        verify_step unless `verify` is False. `params_like` holds jax.ShapeDtypeStruct with
+        .sharding (or arrays): each array is read straight into that sharding, whatever mesh
+        saved it."""
         ocp = _ocp()
         step = self._check_step(step)
-        meta = self.restore_meta(step)
+        meta = self.restore_meta(step, verify=verify)
         saved = meta.get("_fem", {}).get("params")
         if saved is not None:
             want = {k: tuple(v.shape) for k, v in params_like.items()}
@@ -220,7 +325,7 @@ class _StoredArrays:
         meta_file = self.dir / "_METADATA"
         if not meta_file.exists():
             raise FileNotFoundError(f"{meta_file}: missing (incomplete or foreign orbax checkpoint)")
-        m = json.loads(meta_file.read_text())
+        m = read_json(meta_file, CheckpointCorrupt)
         self.zarr = "zarr3" if m.get("use_zarr3") else "zarr"
         self.ocdbt = bool(m.get("use_ocdbt", True))
         self.names = {}
@@ -245,118 +350,17 @@ class _StoredArrays:
         return self._open[path]
 
 
-# ----------------------------------------------------------------------------- safetensors, streamed
+# ----------------------------------------------------------------------------- export, streamed
 
 
-def _hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "copy":
-        return tuple(shape)
-    if layout == "T":
-        return tuple(reversed(shape))
-    if layout == "in_heads":  # (d, n, h) -> (n*h, d)
-        return (shape[1] * shape[2], shape[0])
-    if layout == "out_heads":  # (n, h, d) -> (d, n*h)
-        return (shape[2], shape[0] * shape[1])
-    if layout == "heads":  # (n, h) -> (n*h,)
-        return (shape[0] * shape[1],)
-    raise AssertionError(layout)
-
-
-def _to_hf_block(a: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "copy":
-        return a
-    if layout == "T":
-        return a.T
-    if layout == "in_heads":
-        return a.reshape(a.shape[0], -1).T
-    if layout == "out_heads":
-        return a.reshape(-1, a.shape[-1]).T
-    if layout == "heads":
-        return a.reshape(-1)
-    raise AssertionError(layout)
-
-
-class _Tensor:
-    """One Hugging Face tensor of the export: its name, shape and a block producer."""
-
-    def __init__(self, name: str, shape: tuple[int, ...], blocks: Callable[[], Iterator[np.ndarray]]):
-        self.name, self.shape, self.blocks = name, shape, blocks
-
-
-def _plan(cfg: ModelConfig, arrays: _StoredArrays, dt: np.dtype) -> list[_Tensor]:
-    shapes = param_shapes(cfg)
-    out = []
-    for hf_name, ours, layout in NAME_TABLE:
-        if ours not in shapes:
-            continue
-        shape, _ = shapes[ours]
+def _plan(cfg: ModelConfig, arrays: _StoredArrays, dt: np.dtype):
+    """The export's tensors (models.hf.hf_tensors), each block read from TensorStore."""
+    for ours, (shape, _) in param_shapes(cfg).items():
         stored = arrays[ours]
         if tuple(stored.shape) != tuple(shape):
             raise ValueError(f"{arrays.dir}: {ours} is stored with shape {tuple(stored.shape)}, "
                              f"model_config says {tuple(shape)}")
-        if "{i}" in hf_name:
-            for i in range(shape[0]):
-                def blocks(stored=stored, i=i, layout=layout):
-                    yield _to_hf_block(np.asarray(stored[i].read().result()).astype(dt), layout)
-
-                out.append(_Tensor(hf_name.format(i=i), _hf_shape(shape[1:], layout), blocks))
-        else:
-            hf_shape = _hf_shape(shape, layout)
-            row_bytes = max(1, math.prod(hf_shape[1:]) * max(dt.itemsize, stored.dtype.numpy_dtype.itemsize))
-            rows = max(1, CHUNK_BYTES // row_bytes)
-
-            def blocks(stored=stored, layout=layout, hf_shape=hf_shape, rows=rows):
-                if len(hf_shape) == 1 or layout not in ("copy", "T"):
-                    yield _to_hf_block(np.asarray(stored.read().result()).astype(dt), layout)
-                    return
-                for r0 in range(0, hf_shape[0], rows):
-                    r1 = min(hf_shape[0], r0 + rows)
-                    if layout == "copy":
-                        yield np.asarray(stored[r0:r1].read().result()).astype(dt)
-                    else:  # ours (d, v) -> hf (v, d): columns r0:r1 transposed
-                        yield np.asarray(stored[:, r0:r1].read().result()).astype(dt).T
-
-            out.append(_Tensor(hf_name, hf_shape, blocks))
-    return out
-
-
-def _write_safetensors(file: Path, tensors: list[_Tensor], dtype: str) -> tuple[int, str]:
-    """Write `tensors` into one safetensors file block by block; (bytes, sha256)."""
-    dt = np_dtype(dtype)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for t in tensors:
-        n = math.prod(t.shape) * dt.itemsize
-        header[t.name] = {"dtype": _ST_DTYPES[dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    h = hashlib.sha256()
-    with open(file, "wb") as f:
-        for chunk in (struct.pack("<Q", len(hb)), hb):
-            f.write(chunk)
-            h.update(chunk)
-        for t in tensors:
-            want = header[t.name]["data_offsets"][1] - header[t.name]["data_offsets"][0]
-            got = 0
-            for block in t.blocks():
-                b = np.ascontiguousarray(block, dtype=dt).reshape(-1).view(np.uint8)  # no extra copy
-                f.write(b)
-                h.update(b)
-                got += b.size
-            if got != want:
-                raise AssertionError(f"{t.name}: wrote {got} bytes, expected {want}")
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(hb) + off, h.hexdigest()
-
-
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(8 * 1024**2), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hf_tensors(cfg, lambda ours, index: np.asarray(arrays[ours][index].read().result()), dt)
 
 
 def parse_size(s: str | int) -> int:
@@ -370,38 +374,6 @@ def parse_size(s: str | int) -> int:
     mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
             "TI": 2**40}[unit]
     return int(float(m.group(1)) * mult)
-
-
-def _tmp_sibling(out: Path, tag: str) -> Path:
-    """A fresh temporary folder next to `out`; stale ones of dead processes are removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.{tag}-*"):
-        m = re.match(rf"\.{re.escape(out.name)}\.{tag}-(\d+)-", old.name)
-        if m and not _alive(int(m.group(1))):
-            shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-{os.getpid()}-", dir=out.parent))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`, replacing an older `out` if any."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _tokenizer_folder(root: Path, meta: dict, tokenizer_from) -> Path | None:
@@ -425,11 +397,12 @@ def _tokenizer_folder(root: Path, meta: dict, tokenizer_from) -> Path | None:
 def export_hf(ckpt_root_or_step_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
               dtype: str = "bfloat16", max_shard_bytes: int | str = 2 * 1024**3,
               tokenizer_from: str | os.PathLike | None = None) -> Path:
-    """Stream checkpoint `step` (default: latest) into a Hugging Face folder `out_dir`:
-    config.json, safetensors shards (+ index when more than one), generation_config.json,
-    tokenizer files, manifest.json. Atomic: written under a temporary name, then renamed."""
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported ({', '.join(_ST_DTYPES)})")
+    """Stream checkpoint `step` (default: the latest sealed one) into a Hugging Face folder
+    `out_dir`: config.json, safetensors shards (+ index when more than one),
+    generation_config.json, tokenizer files, manifest.json. The step is verified against
+    its manifest first (CheckpointCorrupt / CheckpointUnsealed otherwise). Atomic: written
+    under a temporary name, then published."""
+    np_dtype(dtype)  # an unsupported dtype fails before any work
     max_shard_bytes = parse_size(max_shard_bytes)
     root, step = _resolve_step(Path(ckpt_root_or_step_dir), step)
     meta = Checkpointer(root, create=False).restore_meta(step)
@@ -438,61 +411,15 @@ def export_hf(ckpt_root_or_step_dir: str | os.PathLike, out_dir: str | os.PathLi
                        "cfg.to_hf_config()}})")
     cfg = ModelConfig.from_hf_config(meta["model_config"])
     tok = _tokenizer_folder(root, meta, tokenizer_from)
-    arrays = _StoredArrays(root / str(step) / "params")
-    dt = np_dtype(dtype)
-    plan = _plan(cfg, arrays, dt)
-
-    shards: list[list[_Tensor]] = [[]]
-    size = 0
-    for t in plan:
-        n = math.prod(t.shape) * dt.itemsize
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += n
-
-    out = Path(out_dir).absolute()
-    tmp = _tmp_sibling(out, "tmp")
-    files: dict[str, dict] = {}
-    try:
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors" for j in range(len(shards))])
-        for name, shard in zip(names, shards):
-            nbytes, digest = _write_safetensors(tmp / name, shard, dtype)
-            files[name] = {"bytes": nbytes, "sha256": digest}
-        if len(shards) > 1:
-            total = sum(math.prod(t.shape) * dt.itemsize for t in plan)
-            wm = {t.name: name for name, shard in zip(names, shards) for t in shard}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(wm.items()))}, indent=2))
+    plan = _plan(cfg, _StoredArrays(root / str(step) / "params"), np_dtype(dtype))
+    with atomic_folder(out_dir) as tmp:
+        files = write_safetensors(tmp, plan, dtype, max_shard_bytes)
         write_side_files(tmp, cfg, dtype, tok)
-        for f in sorted(tmp.iterdir()):
-            if f.name not in files:
-                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files.update(hash_files(tmp, skip=files))
         manifest = {"format": MANIFEST_FORMAT, "checkpoint": str(root), "step": step, "dtype": dtype,
                     "files": dict(sorted(files.items()))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
-        _publish(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return Path(out_dir).absolute()
 
 
 def verify_export(folder: str | os.PathLike, checksums: bool = True) -> dict:
@@ -505,22 +432,11 @@ def verify_export(folder: str | os.PathLike, checksums: bool = True) -> dict:
     mf = folder / MANIFEST
     if not mf.exists():
         raise ExportError(f"{mf}: missing: {folder} is a partial export, or not made by fem_jax.checkpoint.export_hf")
-    try:
-        manifest = json.loads(mf.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ExportError(f"{mf}: unreadable manifest ({e})") from e
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ExportError(f"{mf}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    for name, info in files.items():
-        f = folder / name
-        if not f.exists():
-            raise ExportError(f"{f}: listed in {MANIFEST} but missing (partial export)")
-        size = f.stat().st_size
-        if size != info["bytes"]:
-            raise ExportError(f"{f}: {size} bytes, the manifest says {info['bytes']} (truncated or overwritten)")
-        if checksums and _sha256(f) != info["sha256"]:
-            raise ExportError(f"{f}: sha256 differs from {MANIFEST} (corrupt)")
+    manifest = read_json(mf, ExportError)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ExportError(f"{mf}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                          f"expected {MANIFEST_FORMAT!r}")
+    check_files(folder, manifest.get("files") or {}, mf, ExportError, checksums=checksums)
     return manifest
 
 
@@ -542,11 +458,9 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_root: str | os.PathLike, step: int
     assets = [f for f in (*TOKENIZER_FILES, "generation_config.json") if (hf_dir / f).exists()]
     meta = {"model_config": model.cfg.to_hf_config(), "source": str(hf_dir.absolute())}
     if assets:
-        dest = root / ASSETS_DIR
-        tmp = _tmp_sibling(dest, "tmp")
-        for f in assets:
-            shutil.copy(hf_dir / f, tmp / f)
-        _publish(tmp, dest)
+        with atomic_folder(root / ASSETS_DIR) as tmp:
+            for f in assets:
+                shutil.copy(hf_dir / f, tmp / f)
         meta["tokenizer_from"] = ASSETS_DIR
     ck = Checkpointer(root)
     ck.save(step, model.param_dict(), meta=meta)

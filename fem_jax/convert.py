@@ -7,7 +7,11 @@ The direction follows from what SRC holds:
   (step --step, default 0; parameters kept in float32 unless --dtype says otherwise);
 - an orbax checkpoint root or one step folder of it -> a Hugging Face folder DST
   (--dtype, default bfloat16; the latest step unless --step), streamed shard by shard,
-  with a manifest.json that readers verify.
+  with a manifest.json that readers verify. The step is checked against its own manifest
+  (fem_manifest.json) first: a corrupt or unsealed step is refused.
+
+User errors (a corrupt or unsealed step, a missing file, a bad config) end with one line,
+`python -m fem_jax.convert: error: ...` naming the file, and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import export_hf, import_hf, is_checkpoint, parse_size
+from .io import CorruptError
 
 
 def _is_hf(p: Path) -> bool:
@@ -43,6 +48,15 @@ def main(argv=None) -> int:
         shard = parse_size(a.max_shard_size)
     except ValueError as e:
         ap.error(f"--max-shard-size: {e}")
+    try:
+        return _convert(ap, a, shard)
+    except (CorruptError, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"{ap.prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+        return 2
+
+
+def _convert(ap: argparse.ArgumentParser, a: argparse.Namespace, shard: int) -> int:
     t0 = time.perf_counter()
     if _is_hf(a.src):
         if a.dst.exists() and any(a.dst.iterdir()) and not is_checkpoint(a.dst):
