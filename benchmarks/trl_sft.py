@@ -224,7 +224,7 @@ def run_ours(folder: Path, batches: list[dict[str, np.ndarray]], hp: Hyper, accu
     from fem_jax.mstep import Trainer
 
     model = from_pretrained(folder, dtype="float32")
-    cfg = MStepCfg(objective="fem", normalize="token", lr_start=hp.lr, lr_end=hp.lr, b1=hp.b1, b2=hp.b2,
+    cfg = MStepCfg(objective="fem", loss_agg="token-mean", lr_start=hp.lr, lr_end=hp.lr, b1=hp.b1, b2=hp.b2,
                    weight_decay=hp.weight_decay, grad_clip=hp.grad_clip, batch_size=accum * micro,
                    micro_batch_size=micro)
     tr = Trainer(model.cfg, model.param_dict(), cfg)

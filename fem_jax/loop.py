@@ -1,210 +1,358 @@
-"""Algorithm 1 (filtered EM): iterations of E-step -> filter -> M-step -> evaluate -> checkpoint.
+"""The training loop: rounds of E-step -> M-step -> checkpoint -> engine sync -> evaluate.
 
-Run folder (`out`):
-  config.yaml              the resolved config (a resumed run must match it)
-  iter_0/metrics.json      the base model's evaluation
-  iter_k/rollouts.jsonl    every E-step draw, kept or not (written once the E-step is done)
-  iter_k/eval.jsonl        greedy test completions
-  iter_k/metrics.json      the iteration's metrics
-  checkpoints/<k>/         orbax checkpoint after iteration k (parameters, optimizer state)
-  metrics.jsonl, summary.md, curves.png
+A *round* is what the objective's spec (fem_jax.objectives) calls its loop:
+- "iterations" (FEM paper, Algorithm 1): the E-step samples a rationale for every training
+  example from θ(k-1), the M-step makes one epoch over the accepted ones;
+- "steps" (EMPG paper, Algorithm 1): the E-step samples N rollouts for each of a batch of
+  `estep.prompts_per_step` prompts from θ(t-1) (prompts drawn without replacement from a
+  seeded shuffle of the training set, reshuffled each epoch), the M-step makes the
+  configured optimizer updates on that buffer only, the next step draws a new batch.
+Round 0 is the base model's evaluation. After round k's M-step the weights θ(k) are
+checkpointed (every `run.save_every` rounds and the last), handed to the rollout engine
+(`engine.sync`), and evaluated (every `eval.every` rounds and the last): evaluation always
+measures θ(k), never θ(k-1), whatever the backend.
 
-Resume: a finished iteration (its checkpoint exists) is never redone; an interrupted one
-restarts from the previous checkpoint, reusing its E-step draws if they were written.
-Everything is seeded, so a resumed run ends with the same metrics as an uninterrupted one.
+Run folder (`out`), written by process 0 only:
+  config.yaml               the resolved config (a resumed run must match it, see config.EXTENDABLE)
+  log.txt                   library chatter (absl, orbax, transformers, warnings)
+  <r>_0/metrics.json        the base model's evaluation (<r> = iter or step)
+  <r>_k/rollouts.jsonl      every E-step draw, its fate decided (+ a trailer: count, sha256)
+  <r>_k/eval.jsonl          the test completions of an evaluated round
+  <r>_k/metrics.json        the round's metrics
+  <r>_k/hf/                 the Hugging Face export an engine that reads files was synced from
+  checkpoints/<k>/          orbax checkpoint after round k (parameters, optimizer state when
+                            it carries over, the round's E/M-step metrics), checksummed
+  metrics.jsonl, summary.md, curves.png, and the trackers' folders (run.report_to)
+
+Resume: the latest sealed checkpoint c is restored; a round whose checkpoint exists but
+whose metrics.json does not (killed in between) is completed from the checkpoint (sync,
+evaluate, metrics); rounds after c are redone, reusing complete E-step files. Everything is
+seeded, so a resumed run ends with the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from . import config as config_lib
 from .config import Config
-from .estep import run_estep
-from .io import atomic_write_jsonl, atomic_write_text, read_jsonl
-from .mstep import TrainExample, Trainer, compute_advantages, lr_for_iteration, make_batches
-from .report import write_summary
+from .estep import Draw, IncompleteRollouts, read_draws, run_estep, write_draws
+from .evaluate import evaluate, words
+from .io import atomic_write_jsonl, atomic_write_text
 
 Log = Callable[[str], None]
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEM_JAX_CACHE", Path.home() / ".cache" / "fem_jax"))
-
-
-def resolve_model(path: str) -> Path:
-    """An HF folder, or a builtin name: tiny-random-llama/-qwen2, smollm2-135m-instruct."""
-    from .models import tiny
-
-    if Path(path).is_dir():
-        return Path(path)
-    if path in tiny.TINY:
-        return tiny.materialize(path, cache_dir())
-    from .models.builtin import resolve_model_path
-
-    return Path(resolve_model_path(path))
+# metrics whose values depend on the machine's speed, not on the run's numbers
+TIMING_KEYS = ("seconds_estep", "seconds_mstep", "seconds_eval", "seconds_sync", "seconds_export", "seconds_round",
+               "tokens_per_second_mstep")
 
 
-def words(text: str) -> int:
-    return len(text.split())
+class Console:
+    """What the user sees: one timestamped line per phase (flushed: a cluster log shows it at
+    once) and, on a terminal, a progress bar with an ETA for each phase. Library output
+    goes to the run folder's log.txt instead. `log` (tests) receives the lines instead."""
 
+    def __init__(self, log: Log | None = None, bars: bool | None = None):
+        self._log = log
+        self.bars = (sys.stderr.isatty() if bars is None else bars) and log is None
 
-def _progress(total: int, desc: str):
-    try:
+    def __call__(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        else:
+            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+
+    def bar(self, total: int, desc: str):
+        """A callable progress(n) advancing a bar of `total` units (a no-op off a terminal)."""
+        if not self.bars:
+            return _NoBar()
         from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+        return _Bar(tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="seq"))
+
+
+class _NoBar:
+    def __call__(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def grow(self, n: int) -> None:
+        pass
+
+
+class _Bar(_NoBar):
+    def __init__(self, bar):
+        self.b = bar
+
+    def __call__(self, n: int = 1) -> None:
+        self.b.update(n)
+
+    def grow(self, n: int) -> None:
+        self.b.total += n
+        self.b.refresh()
+
+    def close(self) -> None:
+        self.b.close()
+
+
+class RunFolder:
+    """The run folder's own files; on several processes only process 0 writes them."""
+
+    def __init__(self, path: Path, prefix: str, is_main: bool):
+        self.path, self.prefix, self.is_main = Path(path), prefix, is_main
+
+    def round_dir(self, k: int) -> Path:
+        return self.path / f"{self.prefix}_{k}"
+
+    def write_text(self, path: Path, text: str) -> None:
+        if self.is_main:
+            atomic_write_text(path, text)
+
+    def write_jsonl(self, path: Path, rows) -> None:
+        if self.is_main:
+            atomic_write_jsonl(path, rows)
+
+    def metrics_file(self, k: int) -> Path:
+        return self.round_dir(k) / "metrics.json"
+
+    def read_metrics(self, k: int) -> dict | None:
+        """Round k's metrics row, None when absent; ValueError naming a damaged file."""
+        p = self.metrics_file(k)
+        if not p.exists():
+            return None
+        try:
+            row = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: damaged ({type(e).__name__}: {e}); delete it to recompute round {k} "
+                             f"from its checkpoint, if still kept") from None
+        if not isinstance(row, dict) or row.get("round") != k:
+            raise ValueError(f"{p}: not the metrics of round {k}")
+        return row
+
+
+def _process_info() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
 
 
 class Experiment:
-    """Everything one run needs, built once: model, tokenizer, task data, engine, trainer."""
+    """Everything one run needs, built once: model, tokenizer, task data, engine, trainer.
+    Building writes nothing: a failed start leaves the run folder as it was."""
 
-    def __init__(self, cfg: Config, out: Path, log: Log = print):
+    def __init__(self, cfg: Config, out: Path, console: Console | None = None):
+        import jax
         from transformers import AutoTokenizer
 
-        from .models import from_pretrained
+        from .models import from_pretrained, resolve
+        from .mstep import Trainer
+        from .rollout import make_engine
         from .sharding import make_mesh
         from .tasks import get_task
 
-        self.cfg, self.out, self.log = cfg, Path(out), log
+        self.cfg, self.console = cfg, console or Console()
+        self.spec = cfg.objective
+        rank, _ = _process_info()
+        self.folder = RunFolder(out, "iter" if self.spec.loop == "iterations" else "step", rank == 0)
+        self.out = self.folder.path
         self.mesh = make_mesh(cfg.run.mesh) if cfg.run.mesh else None
-        self.model_dir = resolve_model(cfg.model.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = from_pretrained(self.model_dir, dtype=cfg.model.dtype, mesh=self.mesh)
-        self.base_params = self.model.param_dict()
         self.task = get_task(cfg.task.name, **{"seed": cfg.run.seed, **cfg.task.options})
         self.train = self.task.load("train")
         self.test = self.task.load("test")
-        self.engine = self._make_engine()
-        ref = self.base_params if cfg.mstep.beta > 0 else None
-        self.trainer = Trainer(self.model.cfg, self.base_params, cfg.mstep, self.mesh, cfg.model.remat, ref)
+        self.model_dir = resolve(cfg.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model = from_pretrained(self.model_dir, dtype=cfg.model.dtype, mesh=self.mesh)
+        self.model_cfg = model.cfg
+        params = model.param_dict()
+        keep_base = cfg.mstep.beta > 0 or cfg.mstep.restart_from_base
+        self.base_params = jax.tree.map(lambda x: x.copy(), params) if keep_base else None
+        self.engine = make_engine(cfg.rollout.backend, model=model, tokenizer=self.tokenizer,
+                                  model_dir=self.model_dir, rollout_cfg=cfg.rollout, dtype=cfg.model.dtype,
+                                  seed=cfg.run.seed)
+        self.trainer = Trainer(self.model_cfg, params, cfg.mstep, self.mesh, cfg.model.remat,
+                               self.base_params if cfg.mstep.beta > 0 else None, temperature=cfg.estep.temperature)
+        del model, params
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def _make_engine(self):
-        r = self.cfg.rollout
-        if r.backend == "vllm":
-            from .rollout.vllm_engine import VllmEngine
-
-            return VllmEngine(str(self.model_dir), tensor_parallel_size=r.tensor_parallel_size,
-                              gpu_memory_utilization=r.gpu_memory_utilization, dtype=self.cfg.model.dtype,
-                              seed=self.cfg.run.seed)
-        from .rollout import JaxEngine
-
-        return JaxEngine(self.model, self.tokenizer, max_batch=r.max_batch, chunk=r.chunk)
-
-    def sync_engine(self, k: int) -> float:
-        """Hand θ_k to the rollout engine; returns the seconds it took (the bridge)."""
-        t = time.time()
-        if self.cfg.rollout.backend == "vllm":
-            from .checkpoint import export_hf
-
-            folder = export_hf(self.out / "checkpoints", self.out / f"iter_{k}" / "hf", step=k,
-                               tokenizer_from=self.model_dir)
-            self.engine.update(str(folder))
-        else:
-            self.engine.update(self.trainer.params)
-        return time.time() - t
+        self._prompt_ids: dict[str, list[int]] = {}
+        self._warned_truncation = False
+        self.trackers = None
 
     # ------------------------------------------------------------------ phases
 
-    def evaluate(self, k: int) -> dict:
-        t = time.time()
-        prompts = [self.task.messages(ex, hint=None) for ex in self.test]
-        bar = _progress(len(prompts), f"eval {k}")
-        outs = self.engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=self.cfg.eval.max_new_tokens,
-                                    seed=0, **({"progress": bar.update} if bar and self._jax else {}))
-        if bar:
-            bar.close()
-        rows, correct, lengths, tokens = [], 0, [], 0
-        for ex, o in zip(self.test, outs):
-            s = o[0]
-            ans = self.task.parse(s.text)
-            r = float(self.task.reward(ans, ex.gold)) if ans is not None else 0.0
-            correct += r
-            lengths.append(words(s.text))
-            tokens += len(s.token_ids)
-            rows.append({"example_id": ex.id, "completion": s.text, "answer": None if ans is None else str(ans),
-                         "gold": str(ex.gold), "reward": r})
-        atomic_write_jsonl(self.out / f"iter_{k}" / "eval.jsonl", rows)
-        return {"test_accuracy": correct / max(1, len(self.test)),
-                "reasoning_length_test": float(np.mean(lengths)) if lengths else None,
-                "tokens_eval": tokens, "seconds_eval": time.time() - t}
+    def round_examples(self, k: int) -> list:
+        """The prompts of round k: all training examples (iterations), or the k-th batch of
+        `prompts_per_step` from a seeded shuffle of them, reshuffled each epoch (steps)."""
+        if self.spec.loop == "iterations":
+            return list(self.train)
+        b, n = self.cfg.estep.prompts_per_step, len(self.train)
+        out = []
+        for pos in range((k - 1) * b, k * b):
+            epoch, i = divmod(pos, n)
+            order = np.random.default_rng([self.cfg.run.seed, 7919, epoch]).permutation(n)
+            out.append(self.train[order[i]])
+        return out
 
-    @property
-    def _jax(self) -> bool:
-        return self.cfg.rollout.backend == "jax"
-
-    def estep(self, k: int) -> list[dict]:
-        path = self.out / f"iter_{k}" / "rollouts.jsonl"
+    def estep(self, k: int) -> list[Draw]:
+        path = self.folder.round_dir(k) / "rollouts.jsonl"
         if path.exists():
-            self.log(f"iteration {k}: reusing E-step draws from {path}")
-            return read_jsonl(path)
+            try:
+                draws = read_draws(path)
+                self.console(f"{self._name(k)}: reusing the E-step's {len(draws)} draws from {path}")
+                return draws
+            except (IncompleteRollouts, ValueError) as e:
+                self.console(f"warning: {e}; drawing round {k}'s E-step again")
         e = self.cfg.estep
-        bar = _progress(len(self.train), f"E-step {k}")
-        draws = run_estep(self.task, self.engine, self.train, scheme=e.scheme, budget=e.budget,
+        examples = self.round_examples(k)
+        bar = self.console.bar(len(examples) * e.samples_per_prompt, f"{self._name(k)} E-step")
+        draws = run_estep(self.task, self.engine, examples, scheme=e.scheme, budget=e.budget,
                           samples_per_prompt=e.samples_per_prompt, temperature=e.temperature, top_p=e.top_p,
-                          top_k=e.top_k, max_new_tokens=e.max_new_tokens,
-                          seed=self.cfg.run.seed * 100 + k, reject_hint_leaks=e.reject_hint_leaks,
-                          keep_all=self.cfg.mstep.objective != "fem",
-                          progress=(lambda r, n: bar.set_postfix(round=r, todo=n)) if bar else None)
-        if bar:
-            bar.close()
-        rows = [{"iteration": k, **d.to_json()} for d in draws]
-        atomic_write_jsonl(path, rows)
-        return rows
+                          top_k=e.top_k, max_new_tokens=e.max_new_tokens, seed=self.cfg.run.seed * 100 + k,
+                          trains=self.spec.trains, reject_hint_leaks=e.reject_hint_leaks, progress=bar)
+        bar.close()
+        if self.folder.is_main:
+            write_draws(path, draws, k, atomic_write_text)
+        return draws
 
-    def mstep(self, k: int, draws: list[dict]) -> dict:
-        c = self.cfg
-        ids = {ex.id: ex for ex in self.train}
-        order = {ex_id: i for i, ex_id in enumerate(ids)}  # the prompt's group index (grpo)
-        prompt_ids: dict[str, list[int]] = {}
+    def estep_metrics(self, k: int, draws: list[Draw]) -> dict:
+        accepted = [d for d in draws if d.accepted]
+        trained = [d for d in draws if d.trained]
+        n_examples = len({d.example_id for d in draws}) or 1
+        return {
+            "data_utilization": len({d.example_id for d in accepted}) / n_examples,
+            "acceptance_rate": len(accepted) / max(1, len(draws)),
+            "reward_mean": float(np.mean([d.reward for d in draws])) if draws else None,
+            "draws": len(draws), "accepted": len(accepted), "trained": len(trained),
+            "hint_leaks": sum(d.leaked for d in draws),
+            "reasoning_length_trained": float(np.mean([words(d.completion) for d in trained])) if trained else None,
+            "response_length": float(np.mean([len(d.token_ids) for d in draws])) if draws else None,
+            "tokens_estep": sum(len(d.token_ids) for d in draws),
+        }
+
+    def _prompt(self, example_id: str) -> list[int]:
         from .rollout.engine import encode_prompt
 
-        examples = []
-        for d in draws:
-            if not d["kept"]:
-                continue
-            ex = ids[d["example_id"]]
-            if ex.id not in prompt_ids:  # the hint-free prompt: the hint never reaches training
-                prompt_ids[ex.id] = encode_prompt(self.tokenizer, self.task.messages(ex, hint=None))
-            examples.append(TrainExample(prompt_ids[ex.id], d["token_ids"], d["reward"],
-                                         group=order[ex.id] if c.mstep.objective == "grpo" else 0,
-                                         old_logps=d["logprobs"]))
+        if example_id not in self._prompt_ids:  # the hint-free prompt: the hint never reaches training
+            ex = self._examples_by_id[example_id]
+            self._prompt_ids[example_id] = encode_prompt(self.tokenizer, self.task.messages(ex, hint=None))
+        return self._prompt_ids[example_id]
+
+    @property
+    def _examples_by_id(self) -> dict:
+        if not hasattr(self, "_by_id"):
+            self._by_id = {ex.id: ex for ex in self.train}
+        return self._by_id
+
+    def training_examples(self, draws: list[Draw]):
+        """The M-step's examples: each trained draw's completion after its hint-free prompt."""
+        from .mstep import TrainExample, set_advantages
+
+        trained = [d for d in draws if d.trained]
+        examples = [TrainExample(self._prompt(d.example_id), list(d.token_ids), d.reward) for d in trained]
+        set_advantages(self.cfg.mstep, examples, [d.example_id for d in trained])
+        return examples
+
+    def mstep(self, k: int, draws: list[Draw]) -> dict:
+        from .mstep import BatchStats, lr_for_iteration, make_batches
+
+        c = self.cfg
+        examples = self.training_examples(draws)
         if c.mstep.restart_from_base:
             self.trainer.set_params(self.base_params)
-        if c.mstep.reset_optimizer or c.mstep.restart_from_base:
+        if c.mstep.reset_optimizer or c.mstep.restart_from_base or self.trainer.opt_state is None:
             self.trainer.reset_optimizer()
         lr = lr_for_iteration(c.mstep, k, c.run.iterations)
         self.trainer.set_lr(lr)
         t = time.time()
-        adv = compute_advantages(c.mstep, examples)
-        stats = {"train_loss": None, "train_losses": [], "tokens_mstep": 0, "optimizer_steps": 0}
-        for epoch in range(c.mstep.epochs):
-            batches = make_batches(examples, c.mstep, self.pad_id, seed=c.run.seed * 1000 + k * 10 + epoch,
-                                   bucket=c.mstep.length_bucket, advantages=adv)
-            bar = _progress(len(batches), f"M-step {k}")
-            s = self.trainer.train(batches, progress=(lambda m: (bar.update(1), bar.set_postfix(loss=m["loss"])))
-                                   if bar else None)
-            if bar:
-                bar.close()
-            stats["train_losses"] += s["train_losses"]
-            stats["tokens_mstep"] += s["tokens_mstep"]
-            stats["optimizer_steps"] += s["optimizer_steps"]
-        losses = stats["train_losses"]
-        stats["train_loss"] = float(np.mean(losses)) if losses else None
-        stats["lr"] = lr
-        stats["seconds_mstep"] = time.time() - t
-        return stats
+        bstats = BatchStats()
+        batches = [b for epoch in range(c.mstep.epochs)
+                   for b in make_batches(examples, c.mstep, self.pad_id, seed=c.run.seed * 1000 + k * 10 + epoch,
+                                         stats=bstats)]
+        if bstats.truncated or bstats.dropped:
+            msg = (f"warning: {self._name(k)}: {bstats.truncated} of {len(examples) * c.mstep.epochs} training "
+                   f"sequences exceed mstep.max_seq_len={c.mstep.max_seq_len} and were cut"
+                   + (f", {bstats.dropped} dropped (the prompt alone is that long)" if bstats.dropped else ""))
+            if not self._warned_truncation:
+                self.console(msg + " (counted in metrics: sequences_truncated, sequences_dropped)")
+                self._warned_truncation = True
+        if not batches:
+            self.console(f"warning: {self._name(k)}: nothing to train on ({len(draws)} draws, none trained on); "
+                         "the M-step is skipped")
+        if self.spec.old_logps:
+            self.trainer.fill_old_logps(batches)
+        bar = self.console.bar(len(batches), f"{self._name(k)} M-step")
+        log_step = self._log_optimizer_step(k)
+
+        def progress(m):
+            bar(1)
+            log_step(m)
+
+        s = self.trainer.train(batches, progress=progress)
+        bar.close()
+        seconds = time.time() - t
+        return {"train_loss": s["train_loss"], "train_losses": s["train_losses"],
+                "grad_norm": float(np.mean(s["grad_norms"])) if s["grad_norms"] else None,
+                "lr": lr, "optimizer_steps": s["optimizer_steps"], "tokens_mstep": s["tokens_mstep"],
+                "sequences_trained": bstats.sequences, "sequences_truncated": bstats.truncated,
+                "sequences_dropped": bstats.dropped, "seconds_mstep": seconds,
+                "tokens_per_second_mstep": s["tokens_mstep"] / seconds if seconds > 0 else None}
+
+    def _log_optimizer_step(self, k: int):
+        """Per optimizer step scalars for the trackers, at the global optimizer step."""
+        start = self._global_step(k - 1)
+        state = {"n": 0, "t": time.time()}
+
+        def log(m):
+            state["n"] += 1
+            now = time.time()
+            if self.trackers is not None:
+                self.trackers.log({"mstep/loss": m["loss"], "mstep/grad_norm": m["grad_norm"],
+                                   "mstep/learning_rate": float(self.trainer_lr),
+                                   "mstep/tokens_per_second": m["tokens"] / max(now - state["t"], 1e-9),
+                                   "em/round": k}, step=start + state["n"])
+            state["t"] = now
+
+        return log
+
+    @property
+    def trainer_lr(self) -> float:
+        from .mstep import lr_for_iteration
+
+        return lr_for_iteration(self.cfg.mstep, self._current, self.cfg.run.iterations)
+
+    def _global_step(self, k: int) -> int:
+        """Optimizer steps taken by the end of round k (from the rounds' metrics)."""
+        total = 0
+        for j in range(1, k + 1):
+            row = self.folder.read_metrics(j)
+            total += (row or {}).get("optimizer_steps", 0) or 0
+        return total
+
+    def evaluate(self, k: int) -> dict:
+        bar = self.console.bar(len(self.test) * (1 + self.cfg.eval.n_samples), f"{self._name(k)} eval")
+        metrics, records = evaluate(self.engine, self.task, self.test, self.cfg.eval, seed=0, progress=bar)
+        bar.close()
+        self.folder.write_jsonl(self.folder.round_dir(k) / "eval.jsonl", records)
+        self._eval_records = records
+        return metrics
+
+    def weights(self, k: int, saved: bool):
+        from .rollout.engine import Weights
+
+        return Weights(round=k, params=self.trainer.params, checkpoints=self.out / "checkpoints", saved=saved,
+                       export_dir=self.folder.round_dir(k) / "hf", model_config=self.model_cfg.to_hf_config(
+                           self.cfg.model.dtype), tokenizer_from=self.model_dir)
+
+    def _name(self, k: int) -> str:
+        return f"{'iteration' if self.spec.loop == 'iterations' else 'step'} {k}/{self.cfg.run.iterations}"
 
     # ------------------------------------------------------------------ the loop
 
@@ -213,115 +361,237 @@ class Experiment:
 
         c, out = self.cfg, self.out
         ckpt = Checkpointer(out / "checkpoints", max_to_keep=c.run.keep_checkpoints)
+        for step in ckpt.drop_unsealed():
+            self.console(f"warning: checkpoint {step} was not sealed (killed while saving): dropped, round {step} "
+                         "is redone")
         done = ckpt.latest_step() or 0
         if done > c.run.iterations:
-            raise ValueError(f"{out}: has a checkpoint of iteration {done} > run.iterations={c.run.iterations}")
+            raise ValueError(f"run.iterations={c.run.iterations}, but {out} has finished round {done}; "
+                             "ask for at least that many")
+        self._open_trackers()
+        self._current = 0
+        if self.folder.read_metrics(0) is None:
+            self.console(f"{self._name(0)}: evaluating the base model on {len(self.test)} test examples")
+            row = {"round": 0, self._key: 0, **self.evaluate(0)}
+            self._finish_round(0, row)
         if done:
-            like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-                    for k, v in self.trainer.params.items()}
-            opt_like = None if c.mstep.reset_optimizer else jax.tree.map(
-                lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), self.trainer.opt_state)
-            params, opt_state, _ = ckpt.restore(done, like, opt_like)
+            params, opt_state, meta = ckpt.restore(done, _like(self.trainer.params),
+                                                   None if c.mstep.reset_optimizer else _like(self.trainer.opt_state))
             self.trainer.set_params(params)
             if opt_state is not None:
                 self.trainer.opt_state = opt_state
-            self.sync_engine(done)
-            self.log(f"resuming {out} after iteration {done}")
-        m0 = out / "iter_0" / "metrics.json"
-        if not m0.exists():
-            row = {"iteration": 0, **self.evaluate(0)}
-            atomic_write_text(m0, json.dumps(row))
+            elif c.mstep.reset_optimizer:
+                self.trainer.drop_optimizer()
+            self.console(f"resuming {out} after {self._name(done)}")
+            sync = self.engine.sync(self.weights(done, saved=True))
+            if self.folder.read_metrics(done) is None:  # killed between the checkpoint and the metrics
+                row = dict(meta.get("round_metrics") or {})
+                if not row:
+                    raise ValueError(f"{out}/checkpoints/{done}: has no metrics of round {done} to complete")
+                row.update(self._sync_row(sync))
+                if self._eval_due(done):
+                    row.update(self.evaluate(done))
+                self._finish_round(done, row)
         for k in range(done + 1, c.run.iterations + 1):
-            t0 = time.time()
-            draws = self.estep(k)
-            seconds_estep = time.time() - t0
-            kept = [d for d in draws if d["kept"]]
-            solved = {d["example_id"] for d in draws if d["kept"] and d["reward"] > 0}
-            row = {
-                "iteration": k,
-                "data_utilization": len(solved) / max(1, len(self.train)),
-                "acceptance_rate": sum(d["reward"] > 0 and not (d["leak"] and c.estep.reject_hint_leaks)
-                                       for d in draws) / max(1, len(draws)),
-                "draws": len(draws), "kept": len(kept),
-                "hint_leaks": sum(bool(d["leak"]) for d in draws),
-                "reasoning_length_kept": float(np.mean([words(d["completion"]) for d in kept])) if kept else None,
-                "tokens_estep": sum(len(d["token_ids"]) for d in draws),
-                "seconds_estep": seconds_estep,
-            }
-            stats = self.mstep(k, draws)
-            row.update({key: v for key, v in stats.items() if key != "train_losses"})
-            row["seconds_bridge"] = self.sync_engine(k) if c.rollout.backend == "jax" else None
-            if k % c.eval.every == 0 or k == c.run.iterations:
-                row.update(self.evaluate(k))
+            self.round(k, ckpt)
+        ckpt.close()
+        rows = self.rows()
+        self._write_reports(rows)
+        if self.trackers is not None:
+            self.trackers.close()
+        return rows
+
+    @property
+    def _key(self) -> str:
+        return "iteration" if self.spec.loop == "iterations" else "step"
+
+    def _eval_due(self, k: int) -> bool:
+        return k % self.cfg.eval.every == 0 or k == self.cfg.run.iterations
+
+    def round(self, k: int, ckpt) -> dict:
+        c = self.cfg
+        self._current = k
+        t0 = time.time()
+        n_prompts = len(self.round_examples(k))
+        self.console(f"{self._name(k)}: E-step on {n_prompts} prompts ({c.estep.scheme}, "
+                     f"{c.estep.samples_per_prompt} per prompt)")
+        t = time.time()
+        draws = self.estep(k)
+        row: dict[str, Any] = {"round": k, self._key: k, **self.estep_metrics(k, draws),
+                               "seconds_estep": time.time() - t}
+        self.console(f"{self._name(k)}: E-step done in {row['seconds_estep']:.0f} s: {row['accepted']} of "
+                     f"{row['draws']} draws accepted, {row['trained']} to train on")
+        self.engine.release()
+        self.console(f"{self._name(k)}: M-step on {row['trained']} sequences")
+        stats = self.mstep(k, draws)
+        row.update(stats)
+        loss = "–" if stats["train_loss"] is None else f"{stats['train_loss']:.4f}"
+        self.console(f"{self._name(k)}: M-step done in {stats['seconds_mstep']:.0f} s: {stats['optimizer_steps']} "
+                     f"optimizer steps, train loss {loss}")
+        saved = k % c.run.save_every == 0 or k == c.run.iterations
+        if saved:
             opt = None if c.mstep.reset_optimizer else self.trainer.opt_state
             ckpt.save(k, self.trainer.params, opt, meta={
-                "metrics": row, "model_config": self.model.cfg.to_hf_config(c.model.dtype),
-                "tokenizer_from": str(self.model_dir)})
-            if c.rollout.backend == "vllm":
-                row["seconds_bridge"] = self.sync_engine(k)
-            row["train_losses"] = stats["train_losses"]
-            atomic_write_text(out / f"iter_{k}" / "metrics.json", json.dumps(row))
-            self.log(_line(row))
-            self._write_reports(k)
-        rows = self.rows()
-        self._write_reports(c.run.iterations)
-        return rows
+                "round_metrics": {key: v for key, v in row.items()},
+                "model_config": self.model_cfg.to_hf_config(c.model.dtype), "tokenizer_from": str(self.model_dir)})
+        if c.mstep.reset_optimizer:
+            self.trainer.drop_optimizer()  # the next round starts a fresh one: free its memory now
+        row.update(self._sync_row(self.engine.sync(self.weights(k, saved))))
+        if self._eval_due(k):
+            self.console(f"{self._name(k)}: evaluating on {len(self.test)} test examples")
+            row.update(self.evaluate(k))
+        row["seconds_round"] = time.time() - t0
+        self._finish_round(k, row)
+        return row
+
+    @staticmethod
+    def _sync_row(sync: dict) -> dict:
+        return {k: v for k, v in sync.items() if k.startswith("seconds_")}
+
+    def _finish_round(self, k: int, row: dict) -> None:
+        self.folder.write_text(self.folder.metrics_file(k), json.dumps(row) + "\n")
+        self.console(_line(row, self._name(k), self.cfg))
+        if self.trackers is not None:
+            step = self._global_step(k)
+            self.trackers.log(_scalars(row), step=step)
+            records, self._eval_records = getattr(self, "_eval_records", None), None
+            if records:
+                cols = ["example_id", "completion", "answer", "gold", "reward"]
+                self.trackers.log_table("eval/samples", cols, [[r[c] for c in cols] for r in records[:8]], step=step)
+        self._write_reports(self.rows())
 
     def rows(self) -> list[dict]:
         rows = []
         for k in range(0, self.cfg.run.iterations + 1):
-            p = self.out / f"iter_{k}" / "metrics.json"
-            if p.exists():
-                rows.append(json.loads(p.read_text()))
+            row = self.folder.read_metrics(k)
+            if row is not None:
+                rows.append(row)
         return rows
 
-    def _write_reports(self, k: int) -> None:
-        rows = [r for r in self.rows() if r["iteration"] <= k]
-        atomic_write_jsonl(self.out / "metrics.jsonl", rows)
-        write_summary(rows, self.out, title=f"{self.cfg.estep.scheme} · seed {self.cfg.run.seed} · "
-                                             f"{self.cfg.model.path} · {self.cfg.task.name}")
+    def _write_reports(self, rows: list[dict]) -> None:
+        if not self.folder.is_main:
+            return
+        from .report import write_summary
+
+        self.folder.write_jsonl(self.out / "metrics.jsonl", rows)
+        c = self.cfg
+        what = c.estep.scheme if self.spec.loop == "iterations" else c.mstep.objective
+        write_summary(rows, self.out, title=f"{what} · seed {c.run.seed} · {c.model.path} · {c.task.name}")
+
+    def _open_trackers(self) -> None:
+        if not self.cfg.run.report_to:
+            return
+        from .trackers import make_trackers
+
+        # resume=True: a fresh folder has no tracker ledger yet, a resumed one continues its runs
+        self.trackers = make_trackers(list(self.cfg.run.report_to), self.out, config_lib.to_dict(self.cfg),
+                                      run_name=self.out.name, resume=True, is_main_process=self.folder.is_main)
 
 
-def _line(row: dict) -> str:
+def _like(tree):
+    import jax
+
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), tree)
+
+
+def _scalars(row: dict) -> dict[str, float]:
+    """A metrics row as tracker scalars grouped by phase."""
+    phase = {"data_utilization": "estep", "acceptance_rate": "estep", "reward_mean": "estep", "draws": "estep",
+             "accepted": "estep", "trained": "estep", "hint_leaks": "estep", "reasoning_length_trained": "estep",
+             "response_length": "estep", "tokens_estep": "estep", "seconds_estep": "estep",
+             "train_loss": "mstep", "grad_norm": "mstep", "lr": "mstep", "optimizer_steps": "mstep",
+             "tokens_mstep": "mstep", "seconds_mstep": "mstep", "sequences_truncated": "mstep"}
+    out = {"em/round": float(row["round"])}
+    for key, v in row.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or key in ("round", "iteration", "step"):
+            continue
+        out[f"{phase.get(key, 'eval' if 'test' in key or '@' in key or key.endswith('_eval') else 'round')}/{key}"] = v
+    return out
+
+
+def _line(row: dict, name: str, cfg: Config) -> str:
+    parts = [name]
     acc = row.get("test_accuracy")
-    return (f"iteration {row['iteration']}: test accuracy {'–' if acc is None else f'{acc:.3f}'}, "
-            f"utilization {row['data_utilization']:.3f}, kept {row['kept']}/{row['draws']} draws, "
-            f"train loss {row['train_loss'] if row['train_loss'] is None else round(row['train_loss'], 4)}")
+    if acc is not None:
+        parts.append(f"test accuracy {acc:.3f}" + "".join(f", {k} {row[k]:.3f}" for k in row if "@" in k))
+    if row["round"] > 0:
+        if row.get("data_utilization") is not None:
+            parts.append(f"utilization {row['data_utilization']:.3f}")
+        parts.append(f"reward {row['reward_mean']:.3f}" if row.get("reward_mean") is not None else "no draws")
+        loss = row.get("train_loss")
+        parts.append(f"train loss {'–' if loss is None else f'{loss:.4f}'}")
+    return " · ".join(parts)
 
 
-def prepare_out(cfg: Config, out: Path) -> None:
-    """Create the run folder; a resumed run must have the same resolved config."""
-    out.mkdir(parents=True, exist_ok=True)
-    text = config_lib.dump_yaml(cfg)
-    existing = out / "config.yaml"
-    if existing.exists() and existing.read_text() != text:
-        import yaml
-
-        old = yaml.safe_load(existing.read_text())
-        new = yaml.safe_load(text)
-        diffs = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s in new for k, v in new[s].items()
-                 if old.get(s, {}).get(k) != v]
-        raise ValueError(f"{existing}: this run folder was made with another config ({'; '.join(diffs)}); "
-                         "use a new --out or the same settings")
-    atomic_write_text(existing, text)
+# ---------------------------------------------------------------------------- run folders
 
 
-def run(cfg: Config, out: str | Path, log: Log = print) -> list[dict]:
+def default_out(config_path: Path, overrides: dict[str, Any]) -> Path:
+    """runs/<config stem>, plus the overrides that make it another experiment (fields of
+    config.EXTENDABLE are left out: changing them continues the same run folder)."""
+    import hashlib
+    import re
+
+    parts = []
+    for key, value in overrides.items():
+        if key in config_lib.EXTENDABLE:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        parts.append(f"{key.split('.')[-1]}={re.sub(r'[^A-Za-z0-9._=+-]+', '_', str(text))}")
+    name = config_path.stem + ("+" + "+".join(parts) if parts else "")
+    if len(name) > 80:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[:70]}+{digest}"
+    return Path("runs") / name
+
+
+def check_out(cfg: Config, out: Path) -> tuple[Config | None, list[tuple[str, Any, Any]]]:
+    """(the config the folder was made with or None, the extendable changes). A change
+    that could invalidate finished work raises ValueError naming the field and both values."""
+    existing = Path(out) / "config.yaml"
+    if not existing.exists():
+        return None, []
+    import yaml
+
+    try:
+        old = config_lib.from_dict(yaml.safe_load(existing.read_text()) or {}, str(existing))
+    except (ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"{existing}: unreadable ({' '.join(str(e).split())}); use a new --out") from None
+    diffs = config_lib.differences(old, cfg)
+    fixed = [d for d in diffs if d[0] not in config_lib.EXTENDABLE]
+    if fixed:
+        key, a, b = fixed[0]
+        more = f" (and {len(fixed) - 1} more: {', '.join(d[0] for d in fixed[1:])})" if len(fixed) > 1 else ""
+        raise ValueError(f"{out} was made with {key}={a!r}; this command asks for {key}={b!r}{more}: that would "
+                         "change finished rounds. Use a new --out, or the folder's settings")
+    return old, diffs
+
+
+def run(cfg: Config, out: str | Path, log: Log | None = None, console: Console | None = None) -> list[dict]:
+    """Check the run folder, build the experiment (nothing written if that fails), write the
+    resolved config, then run the rounds."""
     out = Path(out)
-    prepare_out(cfg, out)
-    return Experiment(cfg, out, log).run()
+    console = console or Console(log)
+    _, changes = check_out(cfg, out)
+    exp = Experiment(cfg, out, console)
+    for key, a, b in changes:
+        console(f"{out}: {key} {a!r} -> {b!r} (a change that keeps the finished rounds)")
+    exp.folder.write_text(out / "config.yaml", config_lib.dump_yaml(cfg))
+    return exp.run()
 
 
-def run_comparison(cfg: Config, out: str | Path, schemes: list[str], seeds: list[int], log: Log = print) -> str:
+def run_comparison(cfg: Config, out: str | Path, log: Log | None = None, console: Console | None = None) -> str:
+    """Every (arm, seed) of `cfg.compare` in its own run folder out/<arm>_seed<seed>, seeds
+    outermost (an interrupted comparison still covers every arm), then one table and plot."""
     from .report import compare
 
     out = Path(out)
+    console = console or Console(log)
     results: dict[str, dict[int, list[dict]]] = {}
-    for seed in seeds:  # seeds outer: an interrupted comparison still covers every scheme
-        for scheme in schemes:
-            c = dataclasses.replace(cfg, estep=dataclasses.replace(cfg.estep, scheme=scheme),
-                                    run=dataclasses.replace(cfg.run, seed=seed)).validate()
-            log(f"== scheme {scheme}, seed {seed}")
-            results.setdefault(scheme, {})[seed] = run(c, out / f"{scheme}_seed{seed}", log)
+    main = _process_info()[0] == 0
+    for name, seed, c in cfg.arms():
+        console(f"== {name}, seed {seed}")
+        results.setdefault(name, {})[seed] = run(c, out / f"{name}_seed{seed}", console=console)
+        if main:
             compare(results, out)  # the table so far
-    return compare(results, out)
+    return compare(results, out) if main else ""

@@ -1,16 +1,22 @@
 """The M-step: optax AdamW on an objective of fem_jax.objectives, one jitted sharded step.
 
 - Sequences are the *hint-free* prompt followed by the sampled completion; only
-  completion tokens carry loss (`loss_mask`), padding rows carry none.
-- Batches are cut from length buckets (sequences padded to a multiple of `bucket`), so an
-  epoch compiles one step per bucket length, and shuffled with the run's seed.
+  completion tokens carry loss (`loss_mask`), padding rows carry none. A sequence longer
+  than `max_seq_len` is cut at the end (counted as truncated); one whose prompt alone
+  fills `max_seq_len` keeps no completion token and is dropped (counted).
+- Batches are cut from length buckets (sequences padded to a multiple of `length_bucket`),
+  so a round compiles one step per bucket length, and shuffled with the run's seed.
 - One optimizer step = `batch_size` sequences = `batch_size / micro_batch_size`
   micro-batches, accumulated inside the jitted step by `lax.scan`, the loss normalized
   over the whole step (`num_items`, TRL's convention).
+- The objective's spec says which per-row arrays a batch carries: `advantages` (computed
+  once per round over all its trained draws), `old_logps` (θ_old's log-probs, computed
+  here before the round's first update, at the sampling temperature when the objective
+  is `tempered`, as verl's actor does).
 - With a mesh, parameters and optimizer state follow fem_jax.sharding's table and the
   batch is split over (data, fsdp).
 - The learning rate is a hyperparameter in the optimizer state (optax.inject_hyperparams):
-  a new iteration's rate is set without recompiling.
+  a new round's rate is set without recompiling.
 """
 
 from __future__ import annotations
@@ -28,6 +34,18 @@ import optax
 from . import objectives
 from .config import MStepCfg
 from .models.transformer import ModelConfig, forward, param_shapes
+
+try:  # TEMPORARY: until transformer.token_logps (chunked) lands
+    from .models.transformer import token_logps
+except ImportError:
+    def token_logps(cfg, params, input_ids, attention_mask=None, *, temperature=1.0, remat="none", constrain=None):
+        logits, _ = forward(cfg, params, input_ids, attention_mask, remat=remat not in ("none", False),
+                            constrain=constrain)
+        logits = logits / temperature
+        targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return (picked - logz).at[:, -1].set(0.0)
 from .sharding import RULES, constrainer, logical_to_spec
 
 
@@ -36,41 +54,62 @@ class TrainExample:
     prompt_ids: list[int]  # the hint-free prompt
     completion_ids: list[int]
     reward: float = 1.0
-    group: int = 0  # the prompt it was drawn for (group statistics)
-    old_logps: list[float] | None = None  # behaviour policy log-probs of the completion tokens
+    advantage: float = 0.0  # the objective's sequence weight (objectives with advantages)
 
 
 def lr_for_iteration(cfg: MStepCfg, k: int, iterations: int) -> float:
-    """Linear decay across iterations k = 1..K from lr_start to lr_end, constant within one."""
+    """Linear decay across rounds k = 1..K from lr_start to lr_end, constant within one
+    (FEM paper, Section 4.1); lr_end = lr_start gives a constant rate (verl's default)."""
     if iterations <= 1:
         return cfg.lr_start
     return cfg.lr_start + (cfg.lr_end - cfg.lr_start) * (k - 1) / (iterations - 1)
 
 
-def compute_advantages(cfg: MStepCfg, examples: Sequence[TrainExample]) -> np.ndarray | None:
-    """empg/grpo sequence weights over the whole iteration's draws (group = prompt)."""
-    if cfg.objective == "fem" or not examples:
-        return None
-    r = jnp.asarray([e.reward for e in examples], jnp.float32)
-    valid = jnp.asarray([len(e.completion_ids) > 0 for e in examples], jnp.float32)
-    if cfg.objective == "empg":
-        return np.asarray(objectives.empg_weights(r, valid))
-    _, group = np.unique([e.group for e in examples], return_inverse=True)
-    return np.asarray(objectives.grpo_advantages(r, jnp.asarray(group, jnp.int32), valid))
+def objective_config(cfg: MStepCfg) -> objectives.ObjectiveConfig:
+    return objectives.ObjectiveConfig(name=cfg.objective, loss_agg=cfg.loss_agg or
+                                      objectives.get(cfg.objective).default_loss_agg,
+                                      beta=cfg.beta, clip_eps=cfg.clip_eps, clip_ratio_c=cfg.clip_ratio_c)
+
+
+def set_advantages(cfg: MStepCfg, examples: Sequence[TrainExample], groups: Sequence[Any]) -> None:
+    """The objective's sequence weights over the whole round (`groups`: the prompt each
+    example answers), written into each example's `advantage`."""
+    spec = objectives.get(cfg.objective)
+    if spec.advantages is None or not examples:
+        return
+    _, gid = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    w = spec.advantages(np.asarray([e.reward for e in examples], np.float32), gid, objective_config(cfg))
+    for e, a in zip(examples, w):
+        e.advantage = float(a)
+
+
+@dataclasses.dataclass
+class BatchStats:
+    sequences: int = 0  # examples placed in a batch
+    truncated: int = 0  # cut at max_seq_len (some completion tokens lost)
+    dropped: int = 0  # no completion token left within max_seq_len
 
 
 def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, seed: int,
-                 bucket: int = 32, advantages: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+                 stats: BatchStats | None = None) -> list[dict[str, np.ndarray]]:
     """Length-bucketed, shuffled optimizer steps. Each is a dict of arrays shaped
-    (accum, micro, t): input_ids, attention_mask, loss_mask (aligned with targets),
-    rewards/group/advantages (accum, micro), old_logps (accum, micro, t)."""
+    (accum, micro, t): input_ids, attention_mask, loss_mask (aligned with targets), rewards,
+    and the objective's batch fields (advantages (accum, micro); old_logps (accum, micro, t),
+    filled later by Trainer.fill_old_logps)."""
+    spec = objectives.get(cfg.objective)
+    stats = stats if stats is not None else BatchStats()
     rng = np.random.RandomState(seed)
-    keep = [i for i, e in enumerate(examples) if e.completion_ids and (cfg.objective != "fem" or e.reward > 0)]
     by_len: dict[int, list[int]] = {}
-    for i in keep:
-        e = examples[i]
-        n = min(len(e.prompt_ids) + len(e.completion_ids), cfg.max_seq_len)
-        by_len.setdefault(int(math.ceil(n / bucket) * bucket), []).append(i)
+    for i, e in enumerate(examples):
+        if not e.completion_ids:
+            continue
+        n = len(e.prompt_ids) + len(e.completion_ids)
+        if len(e.prompt_ids) >= cfg.max_seq_len:
+            stats.dropped += 1
+            continue
+        stats.truncated += n > cfg.max_seq_len
+        n = min(n, cfg.max_seq_len)
+        by_len.setdefault(int(math.ceil(n / cfg.length_bucket) * cfg.length_bucket), []).append(i)
     steps: list[tuple[int, list[int]]] = []
     for t, idx in sorted(by_len.items()):
         idx = [idx[j] for j in rng.permutation(len(idx))]
@@ -80,15 +119,14 @@ def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, s
     out = []
     for j in order:
         t, idx = steps[j]
-        b = {
-            "input_ids": np.full((cfg.batch_size, t), pad_id, np.int32),
-            "attention_mask": np.zeros((cfg.batch_size, t), bool),
-            "loss_mask": np.zeros((cfg.batch_size, t), np.float32),
-            "old_logps": np.zeros((cfg.batch_size, t), np.float32),
-            "rewards": np.zeros((cfg.batch_size,), np.float32),
-            "group": np.zeros((cfg.batch_size,), np.int32),
-            "advantages": np.zeros((cfg.batch_size,), np.float32),
-        }
+        b = {"input_ids": np.full((cfg.batch_size, t), pad_id, np.int32),
+             "attention_mask": np.zeros((cfg.batch_size, t), bool),
+             "loss_mask": np.zeros((cfg.batch_size, t), np.float32),
+             "rewards": np.zeros((cfg.batch_size,), np.float32)}
+        if "advantages" in spec.batch_fields:
+            b["advantages"] = np.zeros((cfg.batch_size,), np.float32)
+        if "old_logps" in spec.batch_fields:
+            b["old_logps"] = np.zeros((cfg.batch_size, t), np.float32)
         for r, i in enumerate(idx):
             e = examples[i]
             seq = (list(e.prompt_ids) + list(e.completion_ids))[:t]
@@ -97,24 +135,12 @@ def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, s
             b["attention_mask"][r, :len(seq)] = True
             # target of position j is token j+1: completion tokens are targets p .. len-1
             b["loss_mask"][r, p - 1:len(seq) - 1] = 1.0
-            if e.old_logps is not None:
-                lp = np.asarray(e.old_logps[:len(seq) - p], np.float32)
-                b["old_logps"][r, p - 1:p - 1 + len(lp)] = lp
             b["rewards"][r] = e.reward
-            b["group"][r] = r  # groups are handled through precomputed advantages
-            if advantages is not None:
-                b["advantages"][r] = advantages[i]
+            if "advantages" in b:
+                b["advantages"][r] = e.advantage
+            stats.sequences += 1
         out.append({k: v.reshape((accum, micro) + v.shape[1:]) for k, v in b.items()})
     return out
-
-
-def token_logps(cfg: ModelConfig, params, input_ids, attention_mask, remat=False, constrain=None):
-    """log pi(input_ids[:, j+1] | input_ids[:, :j+1]) at position j; the last position is 0."""
-    logits, _ = forward(cfg, params, input_ids, attention_mask, remat=remat, constrain=constrain)
-    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - logz
 
 
 def _decay_mask(params: dict) -> dict:
@@ -123,14 +149,9 @@ def _decay_mask(params: dict) -> dict:
 
 def make_optimizer(cfg: MStepCfg) -> optax.GradientTransformation:
     # like transformers' Trainer: no weight decay on biases and norm weights
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(learning_rate=cfg.lr_start, b1=cfg.b1, b2=cfg.b2,
-                                                   weight_decay=cfg.weight_decay, mask=_decay_mask)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=cfg.lr_start, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
-
-
-def objective_config(cfg: MStepCfg) -> objectives.ObjectiveConfig:
-    return objectives.ObjectiveConfig(name=cfg.objective, normalize=cfg.normalize, beta=cfg.beta,
-                                      clip_eps=cfg.clip_eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,21 +162,24 @@ class StepSpec:
     model_cfg: ModelConfig
     cfg: MStepCfg
     mesh: jax.sharding.Mesh | None
-    remat: bool
+    remat: str
+    temperature: float = 1.0  # divides the logits of the loss's log-probs (tempered objectives)
+
+
+def _logps(spec: StepSpec, params, mb, remat=None):
+    constrain = constrainer(spec.mesh, RULES)
+    return token_logps(spec.model_cfg, params, mb["input_ids"], mb["attention_mask"],
+                       temperature=spec.temperature, remat=spec.remat if remat is None else remat,
+                       constrain=constrain)
 
 
 def _loss(spec: StepSpec, params, mb, num_items, ref_params):
-    cfg = spec.cfg
-    constrain = constrainer(spec.mesh, RULES)
-    logps = token_logps(spec.model_cfg, params, mb["input_ids"], mb["attention_mask"], spec.remat, constrain)
-    batch = {"loss_mask": mb["loss_mask"], "rewards": mb["rewards"], "group": mb["group"], "num_items": num_items}
-    if cfg.objective != "fem":
-        batch["advantages"] = mb["advantages"]
-        batch["old_logps"] = jnp.where(mb["loss_mask"] > 0, mb["old_logps"], jax.lax.stop_gradient(logps))
-    if cfg.beta > 0:
-        batch["ref_logps"] = jax.lax.stop_gradient(token_logps(
-            spec.model_cfg, ref_params, mb["input_ids"], mb["attention_mask"]))
-    return objectives.loss(objective_config(cfg), logps, batch)
+    logps = _logps(spec, params, mb)
+    batch = {k: mb[k] for k in ("loss_mask", "rewards", "advantages", "old_logps") if k in mb}
+    batch["num_items"] = num_items
+    if spec.cfg.beta > 0:
+        batch["ref_logps"] = jax.lax.stop_gradient(_logps(spec, ref_params, mb, remat="none"))
+    return objectives.loss(objective_config(spec.cfg), logps, batch)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
@@ -164,7 +188,7 @@ def train_step(spec: StepSpec, params, opt_state, batch, ref_params=None):
     over micro-batches by lax.scan, the loss normalized over the whole step."""
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     ocfg = objective_config(spec.cfg)
-    num_items = objectives.denominator(ocfg, {"loss_mask": flat["loss_mask"], "rewards": flat["rewards"]})
+    num_items = objectives.denominator(ocfg, {k: flat[k] for k in ("loss_mask", "rewards")})
     grad_fn = jax.value_and_grad(_loss, argnums=1, has_aux=True)
 
     def micro(acc, mb):
@@ -182,6 +206,12 @@ def train_step(spec: StepSpec, params, opt_state, batch, ref_params=None):
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings(tx, params, ps, spec.mesh))
         params = jax.lax.with_sharding_constraint(params, ps)
     return params, opt_state, {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads)}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _batch_logps(spec: StepSpec, params, batch):
+    """θ's log-probs of every micro-batch of a batch (accum, micro, t), no gradient."""
+    return jax.lax.map(lambda mb: _logps(spec, params, mb, remat="none"), batch)
 
 
 def param_shardings(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
@@ -207,10 +237,15 @@ def opt_shardings(tx, params, p_shardings, mesh):
 
 
 class Trainer:
-    """Holds parameters and optimizer state; runs jitted optimizer steps."""
+    """Holds parameters and optimizer state; runs jitted optimizer steps.
+
+    The optimizer state can be dropped between rounds (`drop_optimizer`) when the next
+    round starts a fresh one anyway: it is twice the parameters' size in float32."""
 
     def __init__(self, model_cfg: ModelConfig, params: dict[str, jax.Array], cfg: MStepCfg,
-                 mesh: jax.sharding.Mesh | None = None, remat: bool = False, ref_params=None):
+                 mesh: jax.sharding.Mesh | None = None, remat: str | bool = "none", ref_params=None,
+                 temperature: float = 1.0):
+        remat = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
         self.model_cfg, self.cfg, self.mesh, self.remat = model_cfg, cfg, mesh, remat
         self.tx = make_optimizer(cfg)
         if mesh is not None:
@@ -234,13 +269,19 @@ class Trainer:
         self.ref_params = ref_params
         self._init = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))
         self.opt_state = self._init(self.params)
-        self.spec = StepSpec(model_cfg, cfg, mesh, remat)
+        spec = objectives.get(cfg.objective)
+        self.spec = StepSpec(model_cfg, cfg, mesh, remat, temperature if spec.tempered else 1.0)
 
     def _opt_shardings(self, params):
         return None if self.mesh is None else opt_shardings(self.tx, params, self.param_shardings, self.mesh)
 
     def reset_optimizer(self) -> None:
+        self.opt_state = None
         self.opt_state = self._init(self.params)
+
+    def drop_optimizer(self) -> None:
+        """Free the optimizer state (the next `reset_optimizer` creates a fresh one)."""
+        self.opt_state = None
 
     def set_params(self, params) -> None:
         if self.param_shardings is not None:
@@ -248,27 +289,41 @@ class Trainer:
         self.params = jax.tree.map(jnp.copy, params)
 
     def set_lr(self, lr: float) -> None:
+        if self.opt_state is None:
+            self.reset_optimizer()
         state = self.opt_state[-1] if isinstance(self.opt_state, tuple) and self.cfg.grad_clip > 0 else self.opt_state
         state.hyperparams["learning_rate"] = jnp.asarray(lr, state.hyperparams["learning_rate"].dtype)
 
+    def _put(self, batch: dict[str, np.ndarray]):
+        if self.batch_sharding is None:
+            return batch
+        micro = batch["input_ids"].shape[1]
+        if micro % self.batch_shards:
+            raise ValueError(f"a batch of micro-batches of {micro} sequences cannot be split over "
+                             f"data*fsdp={self.batch_shards}; mstep.micro_batch_size must be a multiple of it")
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+
+    def fill_old_logps(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        """θ_old's log-probs (the current parameters, before any update of this round) into
+        every batch's `old_logps`, for objectives whose loss reads them."""
+        for b in batches:
+            if "old_logps" in b:
+                inputs = {k: v for k, v in b.items() if k != "old_logps"}
+                b["old_logps"] = np.asarray(_batch_logps(self.spec, self.params, self._put(inputs)))
+
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        if self.batch_sharding is not None:
-            micro = batch["input_ids"].shape[1]
-            if micro % self.batch_shards:
-                raise ValueError(f"a batch of micro-batches of {micro} sequences cannot be split over "
-                                 f"data*fsdp={self.batch_shards}; mstep.micro_batch_size must be a multiple of it")
-            batch = {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
-        self.params, self.opt_state, m = train_step(self.spec, self.params, self.opt_state, batch,
+        self.params, self.opt_state, m = train_step(self.spec, self.params, self.opt_state, self._put(batch),
                                                     self.ref_params)
         return {k: float(v) for k, v in m.items()}
 
     def train(self, batches: Iterable[dict[str, np.ndarray]], progress=None) -> dict[str, Any]:
-        losses, tokens = [], 0.0
+        losses, norms, tokens = [], [], 0.0
         for b in batches:
             m = self.step(b)
             losses.append(m["loss"])
+            norms.append(m["grad_norm"])
             tokens += m["tokens"]
             if progress is not None:
                 progress(m)
         return {"train_loss": float(np.mean(losses)) if losses else None, "train_losses": losses,
-                "tokens_mstep": int(tokens), "optimizer_steps": len(losses)}
+                "grad_norms": norms, "tokens_mstep": int(tokens), "optimizer_steps": len(losses)}

@@ -8,7 +8,7 @@ A run folder is a folder with config.yaml and metrics.jsonl (written by fem_jax.
 commands look for them recursively under the folders given. Row keys read: `step` when a
 row has it (the EM policy gradient / GRPO step loop), else `iteration` (FEM); row 0 is the
 base model. `test_accuracy` (None where not evaluated), `data_utilization`,
-`acceptance_rate`, `reasoning_length_test`/`_kept` (words), `response_length_test` (tokens),
+`acceptance_rate`, `reasoning_length_test`/`reasoning_length_trained` (words), `response_length_test` (tokens),
 `reward_mean`, `train_loss`, `n_test` (the test-set size, optional).
 
 How a run is scored (`run_score`):
@@ -57,7 +57,7 @@ COLUMNS = [
     ("data_utilization", "utilization", "{:.3f}", True),
     ("acceptance_rate", "accept/draw", "{:.3f}", True),
     ("reward_mean", "reward", "{:.3f}", False),
-    ("reasoning_length_kept", "len kept", "{:.1f}", True),
+    ("reasoning_length_trained", "len trained", "{:.1f}", True),
     ("reasoning_length_test", "len test", "{:.1f}", True),
     ("response_length_test", "tokens test", "{:.1f}", False),
     ("train_loss", "train loss", "{:.4f}", True),
@@ -223,7 +223,7 @@ RUN_PANELS = [
                           ("acceptance_rate", "accepted per draw", "s--")], True),
     ("mean train reward", [("reward_mean", None, "o-")], False),
     ("reasoning length (words)", [("reasoning_length_test", "test", "o-"),
-                                  ("reasoning_length_kept", "kept", "s--")], True),
+                                  ("reasoning_length_trained", "trained on", "s--")], True),
     ("response length (tokens)", [("response_length_test", "test", "o-")], True),
     ("train loss", [("train_loss", None, "o-")], False),
 ]

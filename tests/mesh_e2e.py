@@ -12,9 +12,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from toy_tasks import _register  # noqa: E402
+from toy_tasks import register  # noqa: E402
 
-_register()
+register()
 spec = importlib.util.spec_from_file_location("run_cli", HERE.parent / "launch" / "run.py")
 cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cli)

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fem_jax import objectives
 from fem_jax.config import MStepCfg, load_config
 from fem_jax.estep import plan, run_estep
 from fem_jax.mstep import TrainExample, lr_for_iteration, make_batches
@@ -46,7 +47,7 @@ class TableEngine:
         self.table = {k: list(v) for k, v in table.items()}
         self.calls = []
 
-    def generate(self, prompts, n=1, seed=0, **kw):
+    def generate(self, prompts, n=1, seed=0, progress=None, **kw):
         self.calls.append([p[0]["content"] for p in prompts])
         outs = []
         for p in prompts:
@@ -56,7 +57,8 @@ class TableEngine:
 
 
 EXAMPLES = [Ex("a", 5), Ex("b", 7), Ex("c", 9)]
-KW = dict(budget=3, samples_per_prompt=1, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=8, seed=0)
+KW = dict(budget=3, samples_per_prompt=1, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=8, seed=0,
+          trains=objectives.get("fem").trains)
 
 
 def test_plan_of_each_scheme():
@@ -73,7 +75,7 @@ def test_rejection_sampling_stops_at_first_success_within_budget():
     eng = TableEngine({"Q a": ["so 5"], "Q b": ["1", "2", "7"], "Q c": ["1", "2", "3"]})
     draws = run_estep(StubTask(), eng, EXAMPLES, scheme="rs", **KW)
     assert eng.calls == [["Q a", "Q b", "Q c"], ["Q b", "Q c"], ["Q b", "Q c"]]
-    kept = [(d.example_id, d.round) for d in draws if d.kept]
+    kept = [(d.example_id, d.round) for d in draws if d.accepted and d.trained]
     assert kept == [("a", 0), ("b", 2)]
     assert len(draws) == 7 and not any(d.hinted for d in draws)
 
@@ -81,29 +83,31 @@ def test_rejection_sampling_stops_at_first_success_within_budget():
 def test_pps_draws_once_with_the_hint_and_star_rationalizes_misses():
     eng = TableEngine({"Q a HINT[pps]=5": ["5"], "Q b HINT[pps]=7": ["6"], "Q c HINT[pps]=9": ["9"]})
     draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", **KW)
-    assert [d.kept for d in draws] == [True, False, True] and all(d.hinted for d in draws)
+    assert [d.accepted for d in draws] == [True, False, True] and all(d.hinted for d in draws)
+    assert [d.trained for d in draws] == [d.accepted for d in draws]
 
     eng = TableEngine({"Q a": ["5"], "Q b": ["0"], "Q c": ["0"], "Q b HINT[pps2]=7": ["7"],
                        "Q c HINT[pps2]=9": ["8"]})
     draws = run_estep(StubTask(), eng, EXAMPLES, scheme="star2", **KW)
     assert eng.calls == [["Q a", "Q b", "Q c"], ["Q b HINT[pps2]=7", "Q c HINT[pps2]=9"]]
-    assert [(d.example_id, d.hinted, d.kept) for d in draws] == [
+    assert [(d.example_id, d.hinted, d.accepted) for d in draws] == [
         ("a", False, True), ("b", False, False), ("c", False, False), ("b", True, True), ("c", True, False)]
 
 
-def test_hint_leaks_are_rejected_and_recorded():
+def test_hint_leaks_are_kept_by_default_and_rejected_on_request():
     eng = TableEngine({"Q a HINT[pps]=5": ["the hint says 5"], "Q b HINT[pps]=7": ["7"], "Q c HINT[pps]=9": ["9"]})
     draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", **KW)
-    assert draws[0].leak and not draws[0].kept and draws[0].reward == 1.0
+    assert draws[0].leaked and draws[0].accepted and draws[0].trained  # the paper keeps every correct draw
     eng = TableEngine({"Q a HINT[pps]=5": ["the hint says 5"], "Q b HINT[pps]=7": ["7"], "Q c HINT[pps]=9": ["9"]})
-    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", reject_hint_leaks=False, **KW)
-    assert draws[0].leak and draws[0].kept
+    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", reject_hint_leaks=True, **KW)
+    assert draws[0].leaked and not draws[0].accepted and not draws[0].trained and draws[0].reward == 1.0
 
 
-def test_keep_all_keeps_wrong_draws_with_their_rewards():
+def test_policy_gradient_objectives_train_on_every_draw_with_its_reward():
     eng = TableEngine({"Q a": ["5"], "Q b": ["0"], "Q c": ["9"]})
-    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="rs", keep_all=True, **{**KW, "budget": 1})
-    assert [d.kept for d in draws] == [True, True, True]
+    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="rs", **{**KW, "budget": 1, "trains": objectives.get("empg").trains})
+    assert [d.trained for d in draws] == [True, True, True]
+    assert [d.accepted for d in draws] == [True, False, True]
     assert [d.reward for d in draws] == [1.0, 0.0, 1.0]
 
 
@@ -111,7 +115,7 @@ def test_batches_mask_prompt_tokens_and_drop_rejected():
     cfg = MStepCfg(batch_size=4, micro_batch_size=2, max_seq_len=64)
     exs = [TrainExample([10, 11, 12], [20, 21], 1.0), TrainExample([10, 11], [30, 31, 32], 1.0),
            TrainExample([10], [40], 0.0)]  # rejected: never trained on
-    batches = make_batches(exs, cfg, pad_id=0, seed=0)
+    batches = make_batches([e for e in exs if e.reward > 0], cfg, pad_id=0, seed=0)
     assert len(batches) == 1
     b = {k: v.reshape((4,) + v.shape[2:]) for k, v in batches[0].items()}
     rows = {tuple(r[m].tolist()) for r, m in zip(b["input_ids"], b["attention_mask"]) if m.any()}
@@ -123,17 +127,6 @@ def test_batches_mask_prompt_tokens_and_drop_rejected():
         targets = ids[1:][lm[:-1] > 0]
         assert set(targets.tolist()) <= {20, 21, 30, 31, 32}  # only completion tokens are targets
         assert lm.sum() in (2, 3)
-
-
-def test_hint_never_reaches_the_training_batch():
-    """The loop builds TrainExample from the hint-free messages; check the E-step draws of a
-    hinted scheme carry only completion tokens and the prompt is re-rendered hint-free."""
-    task = StubTask()
-    eng = TableEngine({"Q a HINT[pps]=5": ["5"], "Q b HINT[pps]=7": ["7"], "Q c HINT[pps]=9": ["9"]})
-    draws = run_estep(task, eng, EXAMPLES, scheme="pps", **KW)
-    for d in draws:
-        prompt = task.messages(next(e for e in EXAMPLES if e.id == d.example_id), hint=None)[0]["content"]
-        assert "HINT" not in prompt and "HINT" not in d.completion
 
 
 def test_lr_decays_linearly_across_iterations_and_is_constant_within():
@@ -169,7 +162,7 @@ def test_config_overrides_apply():
     cfg = load_config(None, ["mstep.lr_start=2e-5", "estep.scheme=star", "task.options={n_train: 5}",
                              "model.remat=true"])
     assert cfg.mstep.lr_start == 2e-5 and cfg.estep.scheme == "star"
-    assert cfg.task.options == {"n_train": 5} and cfg.model.remat is True
+    assert cfg.task.options == {"n_train": 5} and cfg.model.remat == "full"
 
 
 def test_config_include_composes_parts(tmp_path):

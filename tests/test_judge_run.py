@@ -32,7 +32,7 @@ N_TRAIN, N_TEST = 4, 4
 # Keys every metrics row carries (loop.py): iteration 0 is the base model's evaluation;
 # iteration 1 adds the E-step's and M-step's numbers.
 EVAL_KEYS = {"iteration", "test_accuracy", "reasoning_length_test", "tokens_eval", "seconds_eval"}
-ITER_KEYS = EVAL_KEYS | {"data_utilization", "acceptance_rate", "draws", "kept", "hint_leaks", "tokens_estep",
+ITER_KEYS = EVAL_KEYS | {"data_utilization", "acceptance_rate", "draws", "accepted", "trained", "hint_leaks", "tokens_estep",
                          "train_loss", "optimizer_steps", "lr", "seconds_estep", "seconds_mstep"}
 
 CONFIG = """\
@@ -97,17 +97,19 @@ def test_smollm2_one_pps_iteration_on_helpsteer2_fixture(smollm2, tmp_path):
     assert m1["lr"] == pytest.approx(1e-5)
 
     # pps: one hinted draw per training example, each scored by the judge's parser
-    draws = [json.loads(line) for line in (out / "iter_1" / "rollouts.jsonl").read_text().splitlines()]
+    from fem_jax.estep import read_draws
+
+    draws = read_draws(out / "iter_1" / "rollouts.jsonl")
     assert m1["draws"] == len(draws) == N_TRAIN
-    assert all(d["hinted"] and d["scheme"] == "pps" and d["iteration"] == 1 for d in draws)
-    assert len({d["example_id"] for d in draws}) == N_TRAIN
-    assert all(d["token_ids"] and len(d["token_ids"]) <= 32 for d in draws)
-    assert m1["kept"] == sum(d["kept"] for d in draws)
-    assert all(d["reward"] > 0 and not d["leak"] for d in draws if d["kept"])
-    assert m1["data_utilization"] == len({d["example_id"] for d in draws if d["kept"]}) / N_TRAIN
-    if m1["kept"]:  # a kept rationale was trained on
+    assert all(d.hinted and d.scheme == "pps" for d in draws)
+    assert len({d.example_id for d in draws}) == N_TRAIN
+    assert all(d.token_ids and len(d.token_ids) <= 32 for d in draws)
+    assert m1["trained"] == sum(d.trained for d in draws) == m1["accepted"]  # fem trains on the accepted draws
+    assert all(d.reward > 0 for d in draws if d.trained)  # the paper keeps hinted draws that repeat the hint
+    assert m1["data_utilization"] == len({d.example_id for d in draws if d.accepted}) / N_TRAIN
+    if m1["trained"]:  # an accepted rationale was trained on
         assert m1["optimizer_steps"] >= 1 and m1["train_loss"] is not None
     evals = [json.loads(line) for line in (out / "iter_1" / "eval.jsonl").read_text().splitlines()]
     assert len(evals) == N_TEST and {e["gold"] for e in evals} <= {str(s) for s in range(5)}
-    print(f"\njudge run: {seconds:.0f}s; kept {m1['kept']}/{m1['draws']}; "
+    print(f"\njudge run: {seconds:.0f}s; trained on {m1['trained']}/{m1['draws']}; "
           f"test accuracy {metrics[0]['test_accuracy']:.2f} -> {m1['test_accuracy']:.2f}")

@@ -1,15 +1,20 @@
-"""The EM loop end to end on the tiny random model: run folder contents, metrics keys,
-resume after a kill in each phase (same final metrics as an uninterrupted run), and
-the CLI's config errors."""
+"""The training loop end to end on the tiny random model and the toy task: run folder and
+metrics, training moves the weights, resume after a failure in each phase (same final
+metrics as an uninterrupted run), which weights each evaluation and E-step saw (JaxEngine
+and a stubbed vLLM), extending a finished run, refusing a change that would invalidate
+it, and a start that fails without touching the run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
 import sys
+import types
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fem_jax import loop as loop_lib
@@ -17,39 +22,36 @@ from fem_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REQUIRED_KEYS = {"iteration", "test_accuracy", "data_utilization", "reasoning_length_kept", "reasoning_length_test",
+REQUIRED_KEYS = {"iteration", "test_accuracy", "data_utilization", "reasoning_length_trained", "reasoning_length_test",
                  "train_loss", "seconds_estep", "seconds_mstep", "seconds_eval", "tokens_estep", "tokens_mstep",
-                 "tokens_eval"}
-DETERMINISTIC = ("test_accuracy", "data_utilization", "acceptance_rate", "kept", "draws", "train_loss",
-                 "train_losses", "reasoning_length_kept", "reasoning_length_test", "tokens_estep", "tokens_mstep")
-
-
-from toy_tasks import _register  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _register_task(monkeypatch, tmp_path_factory):
-    _register()
-    monkeypatch.setenv("FEM_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+                 "tokens_eval", "accepted", "trained", "n_test", "sequences_truncated"}
 
 
 def _cfg(*extra):
     return load_config(ROOT / "configs" / "tiny.yaml",
-                       ["task.name=even_length", "task.options={n_train: 12, n_test: 6}", "estep.scheme=star",
-                        "run.iterations=2", *extra])
+                       ["model.path=tiny-random-llama", "task.name=even_length",
+                        "task.options={n_train: 12, n_test: 6}", "estep.scheme=star", "run.iterations=2", *extra])
 
 
 def _strip(rows):
-    return [{k: r.get(k) for k in DETERMINISTIC} for r in rows]
+    return [{k: v for k, v in r.items() if k not in loop_lib.TIMING_KEYS} for r in rows]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    _register()
-    os.environ.setdefault("FEM_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    out = tmp_path_factory.mktemp("ref")
-    rows = loop_lib.run(_cfg(), out, log=lambda s: None)
+    from toy_tasks import register
+
+    with pytest.MonkeyPatch.context() as mp:
+        register(mp)
+        mp.setenv("FEM_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "fem_jax_cache"))
+        out = tmp_path_factory.mktemp("ref")
+        rows = loop_lib.run(_cfg(), out, log=lambda s: None)
     return out, rows
+
+
+@pytest.fixture(autouse=True)
+def _toy(toy_task, tiny_cache):
+    return toy_task
 
 
 def test_run_folder_and_metrics(reference):
@@ -57,77 +59,268 @@ def test_run_folder_and_metrics(reference):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert REQUIRED_KEYS <= set(r), REQUIRED_KEYS - set(r)
-        assert r["kept"] > 0 and r["train_loss"] is not None and r["tokens_mstep"] > 0
-        assert 0 < r["data_utilization"] <= 1
+        assert r["trained"] > 0 and r["train_loss"] is not None and r["tokens_mstep"] > 0
+        assert 0 < r["data_utilization"] <= 1 and r["trained"] == r["accepted"]  # fem trains on the accepted
     for f in ("config.yaml", "metrics.jsonl", "summary.md", "curves.png", "iter_1/rollouts.jsonl",
               "iter_2/eval.jsonl", "iter_0/metrics.json"):
         assert (out / f).exists(), f
-    draws = [json.loads(x) for x in (out / "iter_1" / "rollouts.jsonl").read_text().splitlines()]
-    assert {"example_id", "scheme", "hinted", "completion", "answer", "reward", "kept"} <= set(draws[0])
-    assert any(d["hinted"] for d in draws) and any(not d["hinted"] for d in draws)  # star: rs, then pps
+    from fem_jax.estep import read_draws
+
+    draws = read_draws(out / "iter_1" / "rollouts.jsonl")
+    assert any(d.hinted for d in draws) and any(not d.hinted for d in draws)  # star: rs, then pps
+    assert {d.trained for d in draws} == {True, False}
     assert "test acc" in (out / "summary.md").read_text()
     assert [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert not list(out.rglob("*.tmp*")) and not list(out.rglob(".*tmp*"))
 
 
-def test_training_changes_the_model(reference):
-    _, rows = reference
-    assert rows[1]["train_loss"] != rows[2]["train_loss"]
+def _nll(params, cfg_model, examples, pad_id):
+    from fem_jax.config import MStepCfg
+    from fem_jax.mstep import make_batches
+    from fem_jax.mstep import token_logps
+
+    b = make_batches(examples, MStepCfg(batch_size=64, micro_batch_size=64, length_bucket=8), pad_id, seed=0)[0]
+    ids, am, lm = (b[k].reshape((-1,) + b[k].shape[2:]) for k in ("input_ids", "attention_mask", "loss_mask"))
+    lp = token_logps(cfg_model, params, jnp.asarray(ids), jnp.asarray(am))
+    return float(-(lp * lm).sum() / lm.sum())
+
+
+def test_training_moves_the_weights_and_lowers_the_loss_on_its_data(reference):
+    """θ(1) differs from θ(0) and fits iteration 1's trained draws better than θ(0) did."""
+    from transformers import AutoTokenizer
+
+    from fem_jax.checkpoint import Checkpointer
+    from fem_jax.estep import read_draws
+    from fem_jax.models import from_pretrained, resolve
+    from fem_jax.mstep import TrainExample
+    from fem_jax.rollout.engine import encode_prompt
+    from toy_tasks import EvenLengthTask
+
+    out, _ = reference
+    folder = resolve("tiny-random-llama")
+    model, tok = from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    base = model.param_dict()
+    like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in base.items()}
+    theta1, _, _ = Checkpointer(out / "checkpoints", create=False).restore(1, like)
+    assert max(float(jnp.abs(theta1[k] - base[k]).max()) for k in base) > 0
+    task = EvenLengthTask(n_train=12, n_test=6)
+    by_id = {e.id: e for e in task.load("train")}
+    examples = [TrainExample(encode_prompt(tok, task.messages(by_id[d.example_id])), d.token_ids, d.reward)
+                for d in read_draws(out / "iter_1" / "rollouts.jsonl") if d.trained]
+    assert _nll(theta1, model.cfg, examples, tok.pad_token_id) < _nll(base, model.cfg, examples, tok.pad_token_id)
 
 
 class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("phase", ["estep", "mstep", "evaluate", "save"])
-def test_resume_after_a_kill_in_each_phase(reference, tmp_path, monkeypatch, phase):
+@pytest.mark.parametrize("phase", ["estep", "mstep", "evaluate", "save", "after_save"])
+def test_resume_after_a_failure_in_each_phase(reference, tmp_path, phase):
     _, ref_rows = reference
     out = tmp_path / "run"
-    calls = {"n": 0}
+    from fem_jax.checkpoint import Checkpointer
 
-    if phase == "save":
-        from fem_jax.checkpoint import Checkpointer
+    with pytest.MonkeyPatch.context() as mp:
+        if phase in ("save", "after_save"):
+            orig = Checkpointer.save
 
-        orig = Checkpointer.save
+            def boom(self, step, *a, **k):
+                if step == 2 and phase == "save":
+                    raise Killed(phase)
+                orig(self, step, *a, **k)
+                if step == 2:
+                    raise Killed(phase)  # the checkpoint exists, the round's metrics do not
 
-        def boom(self, step, *a, **k):
-            if step == 2:
-                raise Killed(phase)
-            return orig(self, step, *a, **k)
+            mp.setattr(Checkpointer, "save", boom)
+        else:
+            orig = getattr(loop_lib.Experiment, phase)
 
-        monkeypatch.setattr(Checkpointer, "save", boom)
-    else:
-        orig = getattr(loop_lib.Experiment, phase)
+            def boom(self, k, *a, **kw):
+                if k == 2:
+                    raise Killed(phase)
+                return orig(self, k, *a, **kw)
 
-        def boom(self, k, *a, **kw):
-            if k == 2:
-                calls["n"] += 1
-                raise Killed(phase)
-            return orig(self, k, *a, **kw)
-
-        monkeypatch.setattr(loop_lib.Experiment, phase, boom)
-    with pytest.raises(Killed):
-        loop_lib.run(_cfg(), out, log=lambda s: None)
+            mp.setattr(loop_lib.Experiment, phase, boom)
+        with pytest.raises(Killed):
+            loop_lib.run(_cfg(), out, log=lambda s: None)
     assert not (out / "iter_2" / "metrics.json").exists()
     assert (out / "iter_1" / "metrics.json").exists()
-    monkeypatch.undo()
-    _register()
     logs = []
     rows = loop_lib.run(_cfg(), out, log=logs.append)
     assert any("resuming" in s for s in logs)
     assert _strip(rows) == _strip(ref_rows)
+    assert [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
-def test_resume_refuses_a_different_config(reference, tmp_path):
+# ----------------------------------------------------------------- which weights each phase saw
+
+
+def _fingerprint(embed) -> float:
+    return float(np.asarray(embed, np.float64).sum())
+
+
+class _Out:
+    def __init__(self, text, ids):
+        self.text, self.token_ids, self.finish_reason, self.logprobs = text, ids, "stop", None
+
+
+class FakeLLM:
+    """vllm.LLM as VllmEngine uses it; generate() reports the weights of the folder it serves."""
+
+    seen: list = []
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def _weights(self):
+        from safetensors.numpy import load_file
+
+        files = sorted(Path(self.folder).glob("*.safetensors"))
+        return _fingerprint(load_file(files[0])["model.embed_tokens.weight"])
+
+    def generate(self, prompts, params, use_tqdm=False):
+        FakeLLM.seen.append(("eval" if params.temperature == 0 else "estep", self._weights()))
+        n = params.n
+        return [types.SimpleNamespace(outputs=[_Out("ab" if (i + j) % 2 else "abc", [5, 6]) for j in range(n)])
+                for i, _ in enumerate(prompts)]
+
+    def collective_rpc(self, name, args=()):
+        assert name == "fem_load_folder"
+        self.folder = args[0]
+
+    def reset_prefix_cache(self):
+        pass
+
+    def sleep(self, level=1):
+        pass
+
+    def wake_up(self, tags=None):
+        pass
+
+
+def _recording_jax_engine(seen):
+    from fem_jax.rollout.jax_engine import JaxEngine
+
+    class Recording(JaxEngine):
+        def generate(self, prompts, n=1, temperature=1.0, **kw):
+            seen.append(("eval" if temperature == 0 else "estep", _fingerprint(self._layer_params["embed"])))
+            return super().generate(prompts, n=n, temperature=temperature, **kw)
+
+    return Recording
+
+
+@pytest.mark.parametrize("backend", ["jax", "vllm"])
+def test_each_evaluation_sees_the_new_weights_and_each_estep_the_previous(backend, tmp_path, monkeypatch):
+    from fem_jax import rollout
+    from fem_jax.checkpoint import Checkpointer
+
+    seen = []
+    if backend == "jax":
+        engine_cls = _recording_jax_engine(seen)
+        monkeypatch.setattr(rollout, "make_engine", lambda backend, **kw: engine_cls(
+            kw["model"], kw["tokenizer"], max_batch=kw["rollout_cfg"].max_batch))
+    else:
+        from fem_jax.rollout import vllm_engine
+
+        FakeLLM.seen = seen
+        fake_vllm = types.ModuleType("vllm")
+        fake_vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+        monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+        monkeypatch.setattr(vllm_engine.VllmEngine, "_create", lambda self, folder: FakeLLM(folder))
     out = tmp_path / "run"
-    loop_lib.prepare_out(_cfg(), out)
-    with pytest.raises(ValueError, match="mstep.lr_start"):
-        loop_lib.prepare_out(_cfg("mstep.lr_start=0.5"), out)
+    loop_lib.run(_cfg(f"rollout.backend={backend}", "estep.scheme=pps", "run.iterations=3", "run.keep_checkpoints=3"),
+                 out, log=lambda s: None)
+    from fem_jax.models import from_pretrained, resolve
+
+    theta = {0: _fingerprint(from_pretrained(resolve("tiny-random-llama")).param_dict()["embed"])}
+    ck = Checkpointer(out / "checkpoints", create=False)
+    for k in (1, 2, 3):
+        meta = ck.restore_meta(k)
+        like = {p: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"]))
+                for p, v in meta["_fem"]["params"].items()}
+        theta[k] = _fingerprint(ck.restore(k, like)[0]["embed"])
+    assert len(set(theta.values())) == 4  # every round moved the weights
+    want = [("eval", 0), ("estep", 0), ("eval", 1), ("estep", 1), ("eval", 2), ("estep", 2), ("eval", 3)]
+    assert [kind for kind, _ in seen] == [kind for kind, _ in want]
+    for (kind, fp), (_, k) in zip(seen, want):
+        assert fp == pytest.approx(theta[k], rel=1e-6, abs=1e-6), (kind, k, fp, theta)
 
 
-def test_cli_reports_config_errors(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
-                        "--set", "estep.budgt=3", "--out", str(tmp_path / "x")], capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown key 'estep.budgt'" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--config", str(tmp_path / "none.yaml")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "none.yaml" in r.stderr
+# ----------------------------------------------------------------- run folders
+
+
+def test_a_finished_run_extends_and_refuses_changes_that_would_invalidate_it(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    before = (out / "iter_2" / "metrics.json").read_text()
+    logs = []
+    rows = loop_lib.run(_cfg("run.iterations=3"), out, log=logs.append)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert (out / "iter_2" / "metrics.json").read_text() == before
+    assert any("run.iterations 2 -> 3" in s for s in logs)
+    assert "iterations: 3" in (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"mstep.lr_start=0.001.*mstep.lr_start=0.5"):
+        loop_lib.run(_cfg("run.iterations=3", "mstep.lr_start=0.5"), out, log=lambda s: None)
+    with pytest.raises(ValueError, match="run.iterations=2, but .* has finished round 3"):
+        loop_lib.run(_cfg("run.iterations=2"), out, log=lambda s: None)
+
+
+def test_a_failed_start_leaves_the_run_folder_alone(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="mesh"):
+        loop_lib.run(_cfg("run.mesh=data=64"), out, log=lambda s: None)
+    assert not (out / "config.yaml").exists()
+    with pytest.raises(ValueError, match="option ops"):
+        loop_lib.run(_cfg("task.name=arithmetic", "task.options={ops: '*'}"), out, log=lambda s: None)
+    assert not (out / "config.yaml").exists()
+
+
+def test_default_run_folder_names_only_the_changes_that_make_another_experiment():
+    stem = Path("configs/default.yaml")
+    assert loop_lib.default_out(stem, {}) == Path("runs/default")
+    assert loop_lib.default_out(stem, {"estep.scheme": "star", "mstep.lr_start": 1e-5}) == \
+        Path("runs/default+scheme=star+lr_start=1e-05")
+    assert loop_lib.default_out(stem, {"run.iterations": 5, "run.report_to": ["tensorboard"]}) == Path("runs/default")
+    long = loop_lib.default_out(stem, {f"task.options.x{i}": "y" * 20 for i in range(5)})
+    assert len(long.name) <= 80
+
+
+def test_hint_never_reaches_the_m_steps_batches(tmp_path, monkeypatch):
+    """Every row the M-step trains on is the hint-free prompt followed by the completion."""
+    from transformers import AutoTokenizer
+
+    from fem_jax.models import resolve
+    from fem_jax.mstep import Trainer
+    from fem_jax.rollout.engine import encode_prompt
+    from toy_tasks import EvenLengthTask
+
+    rows = []
+    orig = Trainer.step
+
+    def spy(self, batch):
+        ids, am, lm = (batch[k].reshape((-1,) + batch[k].shape[2:]) for k in ("input_ids", "attention_mask",
+                                                                               "loss_mask"))
+        for i, a, m in zip(ids, am, lm):
+            if a.any():
+                start = int(np.argmax(m > 0)) + 1  # the first target position
+                rows.append((i[:start].tolist(), i[start:a.sum()].tolist()))
+        return orig(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", spy)
+    out = tmp_path / "run"
+    loop_lib.run(_cfg("estep.scheme=pps", "run.iterations=1"), out, log=lambda s: None)
+    tok = AutoTokenizer.from_pretrained(resolve("tiny-random-llama"))
+    task = EvenLengthTask(n_train=12, n_test=6)
+    free = {tuple(encode_prompt(tok, task.messages(e, hint=None))) for e in task.load("train")}
+    hinted = {tuple(encode_prompt(tok, task.messages(e, hint="pps"))) for e in task.load("train")}
+    from fem_jax.estep import read_draws
+
+    draws = read_draws(out / "iter_1" / "rollouts.jsonl")
+    assert all(d.hinted for d in draws) and rows
+    assert len(rows) == sum(d.trained for d in draws)
+    for prompt, completion in rows:
+        assert tuple(prompt) in free and tuple(prompt) not in hinted
+        assert "should be" not in tok.decode(prompt)
+        assert any(completion == d.token_ids[:len(completion)] for d in draws if d.trained)

@@ -32,7 +32,7 @@ def test_tiny_config_on_a_mesh_matches_one_device(tmp_path):
     single, mesh = runs["single"], runs["mesh"]
     assert [r["iteration"] for r in mesh] == [0, 1, 2]
     for a, b in zip(single[1:], mesh[1:]):
-        assert a["kept"] == b["kept"] and a["kept"] > 0
+        assert a["trained"] == b["trained"] and a["trained"] > 0
         np.testing.assert_allclose(b["train_losses"], a["train_losses"], rtol=1e-5)
     # and the plain CLI command of the issue, on the real arithmetic task
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),

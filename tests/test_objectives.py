@@ -17,16 +17,19 @@ from fem_jax.objectives import ObjectiveConfig
 # Written loop by loop from the formulas, sharing no code with the module under test.
 
 
-def np_fem(logps, mask, rewards, normalize="token"):
+def np_fem(logps, mask, rewards, loss_agg="token-mean"):
     num = den = 0.0
     for i in range(logps.shape[0]):
         r = max(float(rewards[i]), 0.0)
         toks = [float(logps[i, t]) for t in range(logps.shape[1]) if mask[i, t] > 0]
         if r == 0 or not toks:
             continue
-        if normalize == "token":
+        if loss_agg == "token-mean":
             num += -r * sum(toks)
             den += r * len(toks)
+        elif loss_agg == "seq-mean-token-sum":
+            num += -r * sum(toks)
+            den += r
         else:
             num += -r * sum(toks) / len(toks)
             den += r
@@ -37,18 +40,22 @@ def np_k3(lp, ref):
     return np.exp(ref - lp) - (ref - lp) - 1.0
 
 
-def np_pg_reduce(per_token, mask, normalize):
+def np_pg_reduce(per_token, mask, loss_agg):
     """per_token: list of lists of kept-token values per row (padding rows already removed)."""
-    if normalize == "token":
+    if loss_agg == "token-mean":
         flat = [v for row in per_token for v in row]
         return sum(flat) / len(flat) if flat else 0.0
-    rows = [sum(row) / len(row) for row in per_token if row]
+    if loss_agg == "seq-mean-token-sum":
+        rows = [sum(row) for row in per_token if row]
+    else:
+        rows = [sum(row) / len(row) for row in per_token if row]
     return sum(rows) / len(rows) if rows else 0.0
 
 
 def np_empg_weights(rewards, eps=1e-6):
     r = np.asarray(rewards, np.float64)
-    s = 1.0 / (1.0 + np.exp(-(r - r.mean()) / (r.std() + eps)))
+    z = np.zeros_like(r) if r.std() == 0 else (r - r.mean()) / r.std()
+    s = 1.0 / (1.0 + np.exp(-z))
     return s - s.mean()
 
 
@@ -57,14 +64,14 @@ def np_grpo_adv(rewards, group, eps=1e-6):
     for g in set(group):
         idx = [i for i in range(len(rewards)) if group[i] == g]
         vals = np.array([rewards[i] for i in idx], np.float64)
-        std = vals.std(ddof=1) if len(idx) > 1 else 0.0
+        mean, std = (vals.mean(), vals.std(ddof=1)) if len(idx) > 1 else (0.0, 1.0)  # verl: one draw, A = r
         for i in idx:
-            adv[i] = (rewards[i] - vals.mean()) / (std + eps)
+            adv[i] = (rewards[i] - mean) / (std + eps)
     return adv
 
 
 def np_pg(kind, logps, mask, rewards, group=None, old=None, ref=None, beta=0.0, clip=0.2,
-          normalize="token", eps=1e-6):
+          loss_agg="token-mean", eps=1e-6, clip_c=3.0):
     rows = [i for i in range(logps.shape[0]) if mask[i].sum() > 0]
     r = [float(rewards[i]) for i in rows]
     if kind == "empg":
@@ -83,11 +90,12 @@ def np_pg(kind, logps, mask, rewards, group=None, old=None, ref=None, beta=0.0, 
             else:
                 ratio = np.exp(lp - (float(old[i, t]) if old is not None else lp))
                 a = w[k]
-                pg_row.append(-min(ratio * a, np.clip(ratio, 1 - clip, 1 + clip) * a))
+                term = max(-ratio * a, -np.clip(ratio, 1 - clip, 1 + clip) * a)
+                pg_row.append(min(term, -a * clip_c) if a < 0 else term)  # verl's dual clip
             kl_row.append(np_k3(lp, float(ref[i, t])) if beta else 0.0)
         pg.append(pg_row)
         kl.append(kl_row)
-    return np_pg_reduce(pg, mask, normalize) + beta * np_pg_reduce(kl, mask, normalize)
+    return np_pg_reduce(pg, mask, loss_agg) + beta * np_pg_reduce(kl, mask, loss_agg)
 
 
 # ----------------------------------------------------------------------- fixtures
@@ -112,6 +120,14 @@ def random_batch(seed, b=6, t=7, n_groups=3, with_pad_row=True):
     return logps, batch
 
 
+def adv_of(name, rewards, group, valid):
+    """The objective's advantages over the valid rows (0 on padding rows), numpy."""
+    r, g, v = np.asarray(rewards, np.float32), np.asarray(group), np.asarray(valid) > 0
+    out = np.zeros(r.shape, np.float32)
+    out[v] = obj.get(name).advantages(r[v], g[v], ObjectiveConfig(name))
+    return out
+
+
 def jnp_batch(batch):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -133,17 +149,17 @@ def test_fem_hand_computed():
     tok, m = obj.loss(ObjectiveConfig("fem"), jnp.asarray(logps), jnp_batch(batch))
     assert float(tok) == pytest.approx((1 + 2 + 3 + 3 + 6) / 5)  # 3.0
     assert float(m["tokens"]) == 5 and float(m["nll"]) == pytest.approx(3.0)
-    seq, _ = obj.loss(ObjectiveConfig("fem", normalize="sequence"), jnp.asarray(logps), jnp_batch(batch))
+    seq, _ = obj.loss(ObjectiveConfig("fem", loss_agg="seq-mean-token-mean"), jnp.asarray(logps), jnp_batch(batch))
     assert float(seq) == pytest.approx((1.5 + 4.0) / 2)  # 2.75
 
 
-@pytest.mark.parametrize("normalize", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fem_matches_numpy(normalize, seed):
+def test_fem_matches_numpy(loss_agg, seed):
     logps, batch = random_batch(seed)
     batch["rewards"] = np.array([1, 0, 0.5, 1, 2, 1], np.float32)  # fractional rewards weigh rows
-    got, _ = obj.loss(ObjectiveConfig("fem", normalize=normalize), jnp.asarray(logps), jnp_batch(batch))
-    want = np_fem(logps, batch["loss_mask"], batch["rewards"], normalize)
+    got, _ = obj.loss(ObjectiveConfig("fem", loss_agg=loss_agg), jnp.asarray(logps), jnp_batch(batch))
+    want = np_fem(logps, batch["loss_mask"], batch["rewards"], loss_agg)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
@@ -179,11 +195,12 @@ def test_fem_rejects_beta():
 
 ALL = [
     ObjectiveConfig("fem"),
-    ObjectiveConfig("fem", normalize="sequence"),
+    ObjectiveConfig("fem", loss_agg="seq-mean-token-mean"),
     ObjectiveConfig("empg"),
-    ObjectiveConfig("empg", normalize="sequence", beta=0.1),
+    ObjectiveConfig("empg", loss_agg="seq-mean-token-mean", beta=0.1),
+    ObjectiveConfig("empg", loss_agg="seq-mean-token-sum", beta=0.1),
     ObjectiveConfig("grpo"),
-    ObjectiveConfig("grpo", normalize="sequence", beta=0.04, clip_eps=0.1),
+    ObjectiveConfig("grpo", loss_agg="seq-mean-token-mean", beta=0.04, clip_eps=0.1),
 ]
 
 
@@ -193,7 +210,7 @@ def test_pg_objectives_match_numpy(cfg, seed):
     logps, batch = random_batch(seed)
     got, metrics = obj.loss(cfg, jnp.asarray(logps), jnp_batch(batch))
     want = np_pg(cfg.name, logps, batch["loss_mask"], batch["rewards"], batch["group"],
-                 batch["old_logps"], batch["ref_logps"], cfg.beta, cfg.clip_eps, cfg.normalize)
+                 batch["old_logps"], batch["ref_logps"], cfg.beta, cfg.clip_eps, cfg.loss_agg)
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
     assert float(metrics["loss"]) == float(got)
 
@@ -271,9 +288,9 @@ def test_gradient_accumulation_with_num_items(cfg):
     valid = (batch["loss_mask"].sum(-1) > 0).astype(np.float32)
     extra = {"num_items": np.asarray(obj.denominator(cfg, full_b))}
     if cfg.name == "empg":
-        extra["advantages"] = np.asarray(obj.empg_weights(batch["rewards"], valid, cfg.eps))
+        extra["advantages"] = adv_of("empg", batch["rewards"], batch["group"], valid)
     elif cfg.name == "grpo":
-        extra["advantages"] = np.asarray(obj.grpo_advantages(batch["rewards"], batch["group"], valid, cfg.eps))
+        extra["advantages"] = adv_of("grpo", batch["rewards"], batch["group"], valid)
     total, grads = 0.0, []
     for sl in (slice(0, 3), slice(3, 8)):
         mb = {k: v[sl] for k, v in batch.items()}
@@ -291,14 +308,14 @@ def test_gradient_accumulation_with_num_items(cfg):
 
 
 def test_grpo_advantages_hand_computed_and_degenerate_groups():
-    rewards = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.7, 0.0])
-    group = jnp.array([0, 0, 0, 1, 1, 2, 0], jnp.int32)
-    valid = jnp.array([1, 1, 1, 1, 1, 1, 0.0])
-    adv = np.asarray(obj.grpo_advantages(rewards, group, valid, eps=1e-6))
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.7, 0.0])
+    group = np.array([0, 0, 0, 1, 1, 2, 0], np.int32)
+    valid = np.array([1, 1, 1, 1, 1, 1, 0.0])
+    adv = adv_of("grpo", rewards, group, valid)
     s = np.std([1, 0, 0], ddof=1)  # 0.57735
     np.testing.assert_allclose(adv[:3], [(2 / 3) / s, (-1 / 3) / s, (-1 / 3) / s], rtol=1e-5)
     assert adv[3] == adv[4] == 0.0  # zero std group
-    assert adv[5] == 0.0  # single-sample group
+    assert adv[5] == pytest.approx(0.7 / (1 + 1e-6))  # single-sample group: verl's mean 0, std 1
     assert adv[6] == 0.0  # padding row
 
 
@@ -306,7 +323,7 @@ def test_grpo_ratio_one_is_advantage_weighted_logp_gradient():
     logps, batch = random_batch(10)
     mask = batch["loss_mask"]
     valid = (mask.sum(-1) > 0).astype(np.float32)
-    adv = np.asarray(obj.grpo_advantages(batch["rewards"], batch["group"], valid, 1e-6))
+    adv = adv_of("grpo", batch["rewards"], batch["group"], valid)
     want = -adv[:, None] * mask / mask.sum()  # d/dlogp of -sum A m logp / N
     cfg = ObjectiveConfig("grpo")
     on_policy = dict(batch, old_logps=logps.copy())
@@ -350,7 +367,8 @@ def test_grpo_kl_k3_hand_computed():
     # token 0: exp(log .5) - log .5 - 1 = 0.5 + 0.693147 - 1; token 1: 0
     assert float(m["kl"]) == pytest.approx((0.5 + np.log(2) - 1) / 2, rel=1e-5)
     loss, _ = obj.loss(ObjectiveConfig("grpo", beta=0.5), jnp.asarray(logps), jnp_batch(batch))
-    assert float(loss) == pytest.approx(0.5 * (0.5 + np.log(2) - 1) / 2, rel=1e-5)  # single sample: A = 0
+    # a group of one draw: verl's mean 0, std 1 gives A = r = 1, ratio 1: pg = -1 per token
+    assert float(loss) == pytest.approx(-1.0 + 0.5 * (0.5 + np.log(2) - 1) / 2, rel=1e-5)
 
 
 def test_beta_without_ref_logps_is_an_error():
@@ -366,19 +384,19 @@ def test_beta_without_ref_logps_is_an_error():
 
 
 def test_empg_smoothing_and_baseline_hand_computed():
-    rewards = jnp.array([1.0, 0.0, 0.0, 1.0])
-    w = np.asarray(obj.empg_weights(rewards, jnp.ones(4), eps=1e-6))
+    rewards = np.array([1.0, 0.0, 0.0, 1.0])
+    w = adv_of("empg", rewards, np.zeros(4), np.ones(4))
     # mean 0.5, population std 0.5: sigmoid(+-0.5/0.5) = sigmoid(+-1); baseline = 0.5 by symmetry
-    s1 = 1 / (1 + np.exp(-0.5 / (0.5 + 1e-6)))  # 0.731059
+    s1 = 1 / (1 + np.exp(-1.0))  # 0.731059
     np.testing.assert_allclose(w, [s1 - 0.5, 0.5 - s1, 0.5 - s1, s1 - 0.5], rtol=1e-5)
     # asymmetric: 1 correct of 4 -> mean .25, std sqrt(3)/4; baseline is the mean sigmoid, not 0.5
-    w = np.asarray(obj.empg_weights(jnp.array([1.0, 0.0, 0.0, 0.0]), jnp.ones(4)))
+    w = adv_of("empg", np.array([1.0, 0.0, 0.0, 0.0]), np.zeros(4), np.ones(4))
     z = np.array([0.75, -0.25, -0.25, -0.25]) / (np.sqrt(3) / 4)
     s = 1 / (1 + np.exp(-z))
     np.testing.assert_allclose(w, s - s.mean(), rtol=1e-5)
     assert abs(w.sum()) < 1e-6 and w[0] > 0 > w[1]
     # equal rewards: no signal at all
-    assert np.all(np.asarray(obj.empg_weights(jnp.ones(5), jnp.ones(5))) == 0)
+    assert np.all(adv_of("empg", np.ones(5), np.zeros(5), np.ones(5)) == 0)
 
 
 def test_empg_uses_no_importance_weights():
@@ -389,7 +407,7 @@ def test_empg_uses_no_importance_weights():
     np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))
     mask = batch["loss_mask"]
     valid = (mask.sum(-1) > 0).astype(np.float32)
-    w = np.asarray(obj.empg_weights(batch["rewards"], valid))
+    w = adv_of("empg", batch["rewards"], batch["group"], valid)
     np.testing.assert_allclose(np.asarray(g1), -w[:, None] * mask / mask.sum(), atol=1e-7)
 
 
@@ -403,24 +421,24 @@ def test_registry():
     with pytest.raises(ValueError, match="unknown objective"):
         obj.loss(ObjectiveConfig("nope"), jnp.zeros((1, 2)), {"loss_mask": jnp.ones((1, 2))})
     with pytest.raises(ValueError, match="already registered"):
-        obj.register("fem")(lambda cfg, lp, b: (0.0, {}))
+        obj.register(obj.Objective("fem", lambda cfg, lp, b: (0.0, {})))
 
-    @obj.register("test_mean_logp")
     def _neg_mean(cfg, logps, batch):
         v = -jnp.mean(logps)
         return v, {"loss": v}
 
+    obj.register(obj.Objective("test_mean_logp", _neg_mean))
     try:
         v, _ = obj.loss(ObjectiveConfig("test_mean_logp"), -jnp.ones((2, 3)), {})
-        assert float(v) == 1.0 and obj.get("test_mean_logp") is _neg_mean
+        assert float(v) == 1.0 and obj.get("test_mean_logp").loss is _neg_mean
     finally:
         del obj.OBJECTIVES["test_mean_logp"]
 
 
-@pytest.mark.parametrize("field,value", [("normalize", "mean"), ("beta", -0.1), ("clip_eps", 0.0),
+@pytest.mark.parametrize("field,value", [("loss_agg", "mean"), ("beta", -0.1), ("clip_eps", 0.0),
                                          ("clip_eps", 1.5), ("eps", 0.0)])
 def test_config_errors_name_the_field(field, value):
-    with pytest.raises(ValueError, match=f"objective.{field}"):
+    with pytest.raises(ValueError, match=field):
         ObjectiveConfig(**{field: value})
 
 
@@ -433,8 +451,6 @@ def test_config_is_hashable_and_replaceable():
 
 def test_batch_errors_name_the_field():
     logps, batch = random_batch(0)
-    with pytest.raises(ValueError, match="'group'"):
-        obj.loss(ObjectiveConfig("grpo"), jnp.asarray(logps), {k: v for k, v in batch.items() if k != "group"})
     with pytest.raises(ValueError, match="'rewards'"):
         obj.loss(ObjectiveConfig("fem"), jnp.asarray(logps), jnp_batch(dict(batch, rewards=np.ones(3))))
     with pytest.raises(ValueError, match="'loss_mask'"):

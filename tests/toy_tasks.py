@@ -19,7 +19,7 @@ class EvenLengthTask:
     name = "even_length"
     hint_schemes = ("pps", "pps2", "pps3")
 
-    def __init__(self, seed=0, n_train=12, n_test=6, **_):
+    def __init__(self, seed=0, n_train=12, n_test=6):
         self.n_train, self.n_test = n_train, n_test
 
     def load(self, split):
@@ -36,19 +36,15 @@ class EvenLengthTask:
     def reward(self, answer, gold):
         return float(answer == gold)
 
-    def hint_leaked(self, text):
+    def hint_leaked(self, text, hint=None, gold=None):
         return "answer should be" in text
 
 
-def _register():
-    """Route get_task("even_length") to the test task (other names go to the registry)."""
+def register(monkeypatch=None) -> None:
+    """Add the toy task to fem_jax.tasks' registry (undone by `monkeypatch` when given)."""
     from fem_jax import tasks
 
-    real = getattr(tasks, "get_task", None)
-    real = getattr(real, "_real", real)
-
-    def get_task(name, **options):
-        return EvenLengthTask(**options) if name == "even_length" else real(name, **options)
-
-    get_task._real = real
-    tasks.get_task = get_task
+    if monkeypatch is not None:
+        monkeypatch.setitem(tasks.TASKS, EvenLengthTask.name, EvenLengthTask)
+    else:
+        tasks.TASKS[EvenLengthTask.name] = EvenLengthTask

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence, Union
 
 Message = dict[str, str]
 Prompt = Union[str, Sequence[Message]]  # plain text, or chat messages rendered with the chat template
@@ -14,7 +15,7 @@ class Sample:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    logprobs: list[float]  # log-probability of each sampled token under the sampling distribution's model
+    logprobs: list[float]  # log-probability of each sampled token under the model's raw distribution (T = 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +41,36 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
+@dataclasses.dataclass
+class Weights:
+    """The trainer's weights after round `round`, in every form an engine may read: the
+    arrays in memory, and the orbax checkpoint of that round when one was saved."""
+
+    round: int
+    params: Mapping[str, Any]  # path -> jax.Array, the trainer's own (do not donate)
+    checkpoints: Path | None  # the orbax root
+    saved: bool  # checkpoint `round` exists under `checkpoints`
+    export_dir: Path  # where an engine that reads files may write a Hugging Face export
+    model_config: dict  # ModelConfig.to_hf_config()
+    tokenizer_from: Path | None
+
+
 class Engine(Protocol):
     def generate(self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, max_new_tokens: int = 128, seed: int = 0,
-                 stop: Sequence[str] = ()) -> list[list[Sample]]:
-        """For each prompt, `n` samples. Greedy when temperature == 0."""
+                 top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, stop: Sequence[str] = (),
+                 progress: Callable[[int], None] | None = None) -> list[list[Sample]]:
+        """For each prompt, `n` samples. Greedy when temperature == 0. `progress(k)` is called
+        as samples finish, with the number finished since the last call."""
         ...
 
-    def update(self, params: Any) -> None:
-        """Swap in new weights (JaxEngine: a param dict in memory; VllmEngine: an exported folder)."""
+    def sync(self, weights: Weights) -> dict:
+        """Serve `weights` from now on; the engine decides how (JaxEngine: in memory;
+        VllmEngine: export to a Hugging Face folder and reload). Returns timings."""
+        ...
+
+    def release(self) -> None:
+        """Free the engine's copy of the weights until the next `sync` (the M-step runs
+        meanwhile). Generating before the next `sync` is an error."""
         ...
 
 

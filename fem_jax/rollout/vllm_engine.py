@@ -222,6 +222,33 @@ class VllmEngine:
         self.model_dir, self.config = model_dir, cfg
         self.last_update = {"verify_s": t1 - t0, "load_s": time.perf_counter() - t1, "how": how}
 
+    def sync(self, weights) -> dict:
+        """The Engine protocol: export the trainer's weights to a Hugging Face folder (from
+        the round's orbax checkpoint when it was saved, else from the arrays in memory),
+        then load it into the running engine. Returns the timings of both."""
+        import time
+
+        t0 = time.perf_counter()
+        folder = Path(weights.export_dir)
+        if weights.saved:
+            from ..checkpoint import export_hf
+
+            export_hf(weights.checkpoints, folder, step=weights.round, dtype=self.llm_args["dtype"],
+                      tokenizer_from=weights.tokenizer_from)
+        else:
+            from ..models.hf import save_params
+
+            save_params(weights.params, weights.model_config, folder, dtype=self.llm_args["dtype"],
+                        tokenizer_from=weights.tokenizer_from)
+        t1 = time.perf_counter()
+        self.update(folder)
+        return {"seconds_export": t1 - t0, "seconds_sync": time.perf_counter() - t0, **self.last_update}
+
+    def release(self) -> None:
+        """Sleep (level 2: weights and KV cache freed) while JAX trains; sync() wakes it."""
+        if self.llm_args.get("enable_sleep_mode"):
+            self.sleep(level=2)
+
     def _recreate(self, model_dir: Path) -> None:
         self.shutdown()
         self.llm = self._create(model_dir)

@@ -1,0 +1,31 @@
+"""Shared fixtures: the toy task in the task registry, and a private model cache for the
+tiny random models (tests never touch the user's cache for them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy_task(monkeypatch):
+    """`even_length` registered in fem_jax.tasks.TASKS for this test only."""
+    from toy_tasks import EvenLengthTask, register
+
+    register(monkeypatch)
+    return EvenLengthTask
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "fem_jax_cache"
+
+
+@pytest.fixture
+def tiny_cache(monkeypatch, tiny_cache_dir) -> Path:
+    """FEM_JAX_CACHE pointed at a session-wide private folder (tiny models built once)."""
+    monkeypatch.setenv("FEM_JAX_CACHE", str(tiny_cache_dir))
+    return tiny_cache_dir
