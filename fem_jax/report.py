@@ -489,7 +489,7 @@ def read_run(folder: Path) -> Run:
                model=Path(_need(cfg, "model.path", cpath)).name, task=_need(cfg, "task.name", cpath),
                metric=str(section("task", "options").get("metric") or ""),
                scheme=_need(cfg, "estep.scheme", cpath), budget=budget if isinstance(budget, int) else None,
-               objective=str(section("mstep").get("objective") or "fem"),
+               objective=str(section("mstep").get("objective") or ""),
                restart=bool(section("mstep").get("restart_from_base")), seed=_need(cfg, "run.seed", cpath, (int,)),
                iterations=iterations if isinstance(iterations, int) else None)
 
@@ -504,9 +504,9 @@ def _columns(runs: list[Run]) -> None:
     """A FEM run's column is its E-step scheme (RS with its budget M when the set has several
     budgets, as in Table 3; `+restart` for STaR restarted from the base model); another
     objective's column is the objective."""
-    budgets = {r.budget for r in runs if r.objective == "fem" and r.scheme == "rs"}
+    budgets = {r.budget for r in runs if not r.steps and r.scheme == "rs"}
     for r in runs:
-        if r.objective != "fem":
+        if r.steps:  # a policy-gradient step loop: its column is the objective
             r.column = r.objective
         else:
             r.column = r.scheme + (f"-{r.budget}" if r.scheme == "rs" and len(budgets) > 1 else "")
@@ -552,7 +552,7 @@ def paper_tables(runs: list[Run]) -> dict:
     bases: dict[tuple, dict[tuple, dict[int, list[float]]]] = {}
     owner: dict[tuple, Path] = {}
     for r in runs:
-        tkey = ("steps",) if r.steps else ("fem", r.task)
+        tkey = ("steps",) if r.steps else ("iterations", r.task)
         rkey = (r.model, r.task, r.metric)
         cell = (tkey, rkey, r.column, r.seed)
         if cell in owner:
@@ -597,14 +597,14 @@ def paper_tables(runs: list[Run]) -> dict:
             out_rows.append(row)
         table_ = {"kind": tkey[0], "task": tkey[1] if len(tkey) > 1 else None, "columns": columns,
                   "seeds": seeds, "rows": out_rows, "comparisons": []}
-        if tkey[0] == "fem":
+        if tkey[0] == "iterations":
             for suffix in sorted({re.sub(r"^pps", "", c) for c in columns if c.startswith("pps")}):
                 a, b = "pps" + suffix, "star" + suffix
                 if b in columns:
                     table_["comparisons"].append(win_count(out_rows, a, b))
         tables.append(table_)
     return {"tables": tables, "warnings": warnings, "runs": [str(r.folder) for r in runs],
-            "score": {"fem": "highest test accuracy over iterations 1..K (iteration 0 is Base)",
+            "score": {"iterations": "highest test accuracy over iterations 1..K (iteration 0 is Base)",
                       "steps": f"mean of the last {LAST_EVALS} evaluations after step 0"},
             "scale": "fraction (the markdown shows FEM tables in percent)"}
 
@@ -643,7 +643,7 @@ def _cell(stat: Mapping | None, pct: bool, common_n: int) -> str:
 def render_tables(data: Mapping) -> str:
     out = []
     for t in data["tables"]:
-        fem = t["kind"] == "fem"
+        fem = t["kind"] == "iterations"
         cols = t["columns"]
         ns = [c["n"] for row in t["rows"] for c in row["cells"].values()]
         common = max(set(ns), key=ns.count) if ns else 0
@@ -711,7 +711,7 @@ def paper_table(paths: Sequence[str | Path], out: Path | None = None, plots: boo
 
 
 def _title(run: Run) -> str:
-    what = run.column or (run.scheme if run.objective == "fem" else run.objective)
+    what = run.column or (run.objective if run.steps else run.scheme)
     return f"{what} · seed {run.seed} · {run.model} · {run.task}" + (f" ({run.metric})" if run.metric else "")
 
 

@@ -114,3 +114,56 @@ def test_no_import_cycle_among_fem_jax_modules():
     assert "fem_jax.models.transformer" in graph["fem_jax.models.hf"]  # the walker sees imports
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ----------------------------------------------------------------------------- one concept, one place
+
+OBJECTIVE_NAMES = {"fem", "empg", "grpo"}
+BACKEND_NAMES = {"jax", "vllm"}
+
+
+def _string_comparisons(path: Path) -> set[str]:
+    """String constants a module compares a value against (==, !=, in, not in, match/case)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+
+    def strings(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            for e in node.elts:
+                yield from strings(e)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                found.update(strings(side))
+        elif isinstance(node, ast.MatchValue):
+            found.update(strings(node.value))
+    return found
+
+
+def _offenders(names: set[str], allowed) -> dict[str, set[str]]:
+    out = {}
+    for mod, path in _modules().items():
+        if allowed(mod):
+            continue
+        hit = _string_comparisons(path) & names
+        if hit:
+            out[mod] = hit
+    return out
+
+
+def test_only_objectives_compares_against_an_objectives_name():
+    """The objective's spec is read, never its name (loop, mstep, config, ...)."""
+    assert _offenders(OBJECTIVE_NAMES, lambda m: m == f"{PKG}.objectives") == {}
+
+
+def test_only_rollout_compares_against_a_backends_name():
+    assert _offenders(BACKEND_NAMES, lambda m: m == f"{PKG}.rollout" or m.startswith(f"{PKG}.rollout.")) == {}
+
+
+def test_the_name_walk_finds_a_comparison(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f(c):\n    if c.objective == 'grpo' or c.backend in ('jax', 'x'):\n        return 1\n")
+    assert _string_comparisons(f) >= {"grpo", "jax"}

@@ -63,7 +63,7 @@ def sweep(tmp_path):
 def test_paper_table_means_standard_errors_base_and_win_count(sweep, tmp_path):
     text, data = report.paper_table([sweep], tmp_path / "out", plots=False)
     (t,) = data["tables"]
-    assert t["kind"] == "fem" and t["task"] == "helpsteer2" and t["columns"] == ["rs", "star", "pps"]
+    assert t["kind"] == "iterations" and t["task"] == "helpsteer2" and t["columns"] == ["rs", "star", "pps"]
     assert t["seeds"] == [257, 521, 1031] and not data["warnings"]
     got = {(r["model"], r["metric"]): r for r in t["rows"]}
     assert [(r["model"], r["metric"]) for r in t["rows"]] == list(BEST)  # HelpSteer2's metric order
