@@ -5,10 +5,11 @@ the matrix they claim.
   is known, validation passes) and builds its task through `get_task`;
 - the matrix is complete: 5 models x 9 judge metrics x 3 schemes (Tables 1-2), the
   Appendix C ablations (Qwen2.5-3B-Instruct x 5 HelpSteer2 metrics x RS-3, RS-5, PPS2,
-  PPS3, STaR2, STaR3: Tables 3-4), plus the EM policy gradient runs (5 models x 2 math
-  tasks x 2 objectives), and nothing else;
+  PPS3, STaR2, STaR3: Tables 3-4), plus the EM policy gradient runs (that paper's 4 Qwen2.5
+  base models x GSM8K, MATH levels 3-5 x EMPG, GRPO: its Tables 1-2), and nothing else;
 - every value in base.yaml and the FEM parts says where it comes from ([paper ...],
-  [TRL], [ours]); no part still says that only the paper's abstract could be read;
+  [TRL], [ours]), and every value in empg_base.yaml and the EMPG parts likewise ([paper
+  ...], [verl KEY], [ours]); no part still says that only a paper's abstract could be read;
 - generate.py is idempotent: its output equals the committed files byte for byte, and a
   second run into a fresh folder writes the same bytes;
 - each loaded config's fields equal what its file name and the papers' settings say. The
@@ -46,6 +47,16 @@ METRICS = {
 DATA = {"helpsteer2": "nvidia/HelpSteer2", "summarize_feedback": "openai/summarize_from_feedback",
         "gsm8k": "openai/gsm8k", "math": "DigitalLearningGmbH/MATH-lighteval"}
 SCHEMES = ["rs", "star", "pps"]
+# EM policy gradient paper, Section 5: "QWen-2.5 series base models (1.5B, 7B, Math-7B, and 14B-Instruct)"
+EMPG_HUB = {
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-math-7b": "Qwen/Qwen2.5-Math-7B",
+    "qwen2.5-14b-instruct": "Qwen/Qwen2.5-14B-Instruct",
+}
+# Section 5.2: (max_prompt_length, max_response_length) per dataset; 14B on MATH: 2048
+EMPG_LENGTHS = {"gsm8k": (512, 1024), "math-l3-5": (1024, 3072)}
+EMPG_LENGTHS_14B_MATH = (1024, 2048)
 # Appendix C: scheme part -> (estep.scheme, estep.budget), run with Qwen 3B on HelpSteer2 only
 ABLATIONS = {"rs-3": ("rs", 3), "rs-5": ("rs", 5), "pps2": ("pps2", 1), "pps3": ("pps3", 1),
              "star2": ("star2", 1), "star3": ("star3", 1)}
@@ -69,14 +80,15 @@ def _ablation_files():
 
 
 def _math_files():
-    return [EXPERIMENTS / m / f"{t}-{o}.yaml" for m in HUB for t in ("gsm8k", "math-l3-5") for o in ("empg", "grpo")]
+    return [EXPERIMENTS / m / f"{t}-{o}.yaml" for m in EMPG_HUB for t in ("gsm8k", "math-l3-5")
+            for o in ("empg", "grpo")]
 
 
 def test_matrix_is_complete_and_nothing_else():
     files = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in EXPERIMENTS.rglob("*") if p.is_file())
     judge = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in _judge_files() + _ablation_files())
     math = sorted(p.relative_to(EXPERIMENTS).as_posix() for p in _math_files())
-    assert len(judge) == 5 * 9 * 3 + 5 * 6 == 165 and len(math) == 5 * 2 * 2
+    assert len(judge) == 5 * 9 * 3 + 5 * 6 == 165 and len(math) == 4 * 2 * 2
     assert files == sorted(judge + math), (f"missing: {sorted(set(judge + math) - set(files))}; "
                                            f"unexpected: {sorted(set(files) - set(judge + math))}")
     # the matrix covers every metric the judge tasks define
@@ -93,6 +105,9 @@ def test_experiment_files_are_include_lists_with_a_departures_header():
         assert "# Departures from the paper" in text, p
         for inc in data["include"]:
             assert (p.parent / inc).resolve().is_relative_to(PAPER), f"{p}: {inc} leaves configs/paper"
+    for p in _math_files():  # this paper's own settings, not the FEM paper's base.yaml
+        assert yaml.safe_load(p.read_text())["include"][0] == "../../empg_base.yaml", p
+        assert "abstract" not in p.read_text(), p  # the paper's full text was read
     for p in _judge_files() + _ablation_files():
         text = p.read_text()
         assert "abstract" not in text, p  # the paper's full text was read
@@ -149,7 +164,7 @@ def test_appendix_c_ablations_load(part, scheme_budget):
 
 
 def test_every_fem_value_says_where_it_comes_from():
-    parts = [PAPER / "base.yaml", *sorted((PAPER / "schemes").glob("*.yaml")), *sorted((PAPER / "models").glob("*.yaml")),
+    parts = [PAPER / "base.yaml", *sorted((PAPER / "schemes").glob("*.yaml")), *[PAPER / "models" / f"{m}.yaml" for m in HUB],
              *sorted((PAPER / "tasks").glob("helpsteer2-*.yaml")), *sorted((PAPER / "tasks").glob("summarize_feedback-*.yaml"))]
     assert len(parts) == 1 + 9 + 5 + 9
     for p in parts:
@@ -165,21 +180,85 @@ def test_every_fem_value_says_where_it_comes_from():
     assert "[paper §4.1]" in (PAPER / "schemes" / "rs.yaml").read_text()
 
 
-@pytest.mark.parametrize("model", list(HUB))
+def _check_empg(cfg, where, model, task, objective):
+    """The EM policy gradient paper's settings, and verl's defaults it says it follows
+    (Section 5.2), written out here, not read from the parts."""
+    from fem_jax.report import LAST_EVALS
+
+    prompt_len, response_len = EMPG_LENGTHS_14B_MATH if (model, task) == ("qwen2.5-14b-instruct", "math-l3-5") \
+        else EMPG_LENGTHS[task]
+    name = {"gsm8k": "gsm8k", "math-l3-5": "math"}[task]
+    # Section 5: the Qwen2.5 base models; float32 weights (verl's actor keeps them in float32)
+    assert cfg.model.path == EMPG_HUB[model] and cfg.model.dtype == "float32", where
+    assert cfg.task.name == name, where
+    # Algorithm 1: N draws per prompt from θ(t-1), every draw trained on, one run of T steps
+    assert cfg.estep.scheme == "rs" and cfg.estep.budget == 1, where
+    assert cfg.objective.loop == "steps" and cfg.objective.trains_on == "all", where
+    assert cfg.estep.samples_per_prompt == 5, where  # N: verl's GRPO example rollout.n=5, both objectives
+    assert cfg.estep.prompts_per_step == 1024, where  # verl data.train_batch_size
+    assert (cfg.estep.temperature, cfg.estep.top_p, cfg.estep.top_k) == (1.0, 1.0, 0), where  # Section 4.1; verl
+    # Section 5.2: response length -> new tokens (E-step and evaluation), prompt + response -> sequence
+    assert cfg.estep.max_new_tokens == cfg.eval.max_new_tokens == response_len, where
+    assert cfg.mstep.max_seq_len == cfg.mstep.length_bucket == prompt_len + response_len, where
+    # verl: lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clipping 1.0, one epoch,
+    # 256 prompts x N sequences per update (4 per step), one optimizer state for the whole run
+    assert (cfg.mstep.lr_start, cfg.mstep.lr_end) == (1e-6, 1e-6), where
+    assert (cfg.mstep.weight_decay, cfg.mstep.b1, cfg.mstep.b2, cfg.mstep.grad_clip) == (0.01, 0.9, 0.999, 1.0), where
+    assert cfg.mstep.batch_size == 256 * cfg.estep.samples_per_prompt == 1280, where
+    assert (1024 * cfg.estep.samples_per_prompt) % cfg.mstep.batch_size == 0, where
+    assert cfg.mstep.batch_size % cfg.mstep.micro_batch_size == 0 and cfg.mstep.micro_batch_size % 8 == 0, where
+    assert cfg.mstep.epochs == 1, where
+    assert cfg.mstep.reset_optimizer is False and cfg.mstep.restart_from_base is False, where
+    assert cfg.mstep.objective == objective, where
+    if objective == "empg":
+        # Eqs. 10-12: log P(τ) is the trajectory's sum; Section 5.1: β = 0 for the 1.5B model,
+        # a KL for 14B-Instruct (verl's coefficient), and for 7B / Math-7B (ours, as GRPO)
+        assert cfg.mstep.loss_agg == "seq-mean-token-sum", where
+        assert cfg.mstep.beta == (0.0 if model == "qwen2.5-1.5b" else 0.001), where
+    else:
+        # verl's GRPO: token-mean, k3 KL loss 0.001, clip 0.2, dual clip 3.0
+        assert cfg.mstep.loss_agg == "token-mean" and cfg.mstep.beta == 0.001, where
+        assert (cfg.mstep.clip_eps, cfg.mstep.clip_ratio_c) == (0.2, 3.0), where
+    # Section 5: ~200 steps; Section 5.2: an evaluation every 5 steps, the score the mean of
+    # the last 10 (fem_jax.report), which the run must reach; greedy evaluation (verl val_kwargs)
+    assert cfg.run.iterations == 200 and cfg.eval.every == 5 and cfg.eval.n_samples == 0, where
+    assert cfg.run.iterations % cfg.eval.every == 0 and cfg.run.iterations // cfg.eval.every >= LAST_EVALS == 10, where
+    assert 1 < cfg.run.save_every <= cfg.run.iterations, where  # not a 7B checkpoint every step
+    assert cfg.rollout.backend == "vllm" and cfg.run.mesh == "data=1,fsdp=-1,tensor=1", where
+    t = get_task(cfg.task.name, **cfg.task.options)  # the options are the task's (no data is read)
+    assert t.path == DATA[name] and t.pool is False, where  # the datasets' own train / test splits
+    assert t.n == {"train": None, "test": None}, where  # every row, not the FEM paper's 2,000 / 2,000
+    if name == "math":
+        assert t.levels == {3, 4, 5}, where  # Section 5: MATH HARD, levels 3 to 5
+    else:
+        assert t.config == "main", where
+
+
+@pytest.mark.parametrize("model", list(EMPG_HUB))
 def test_em_policy_gradient_experiments_load(model):
-    for task, name in (("gsm8k", "gsm8k"), ("math-l3-5", "math")):
+    for task in ("gsm8k", "math-l3-5"):
         for objective in ("empg", "grpo"):
             p = EXPERIMENTS / model / f"{task}-{objective}.yaml"
-            cfg = load_config(p)
-            where = p.relative_to(PAPER)
-            assert cfg.model.path == HUB[model] and cfg.task.name == name, where
-            assert cfg.mstep.objective == objective and cfg.estep.scheme == "rs", where
-            assert cfg.estep.budget == 1 and cfg.estep.samples_per_prompt == 8, where
-            assert (cfg.mstep.lr_start, cfg.mstep.lr_end, cfg.run.iterations) == (1e-6, 1e-7, 5), where
-            t = get_task(cfg.task.name, **cfg.task.options)
-            assert t.path == DATA[name], where
-            if name == "math":
-                assert t.levels == {3, 4, 5}, where
+            _check_empg(load_config(p), p.relative_to(PAPER), model, task, objective)
+
+
+def test_every_em_policy_gradient_value_says_where_it_comes_from():
+    parts = [PAPER / "empg_base.yaml", *[PAPER / "models" / f"{m}.yaml" for m in EMPG_HUB],
+             PAPER / "tasks" / "gsm8k.yaml", *sorted((PAPER / "tasks").glob("math-l3-5*.yaml")),
+             *sorted((PAPER / "objectives").glob("*.yaml"))]
+    assert len(parts) == 1 + 4 + 1 + 2 + 3
+    for p in parts:
+        text = p.read_text()
+        assert "abstract" not in text.lower(), p  # the paper's full text was read
+        assert re.search(r"§\d|Section \d|Table \d|Fig\. \d|Algorithm 1|Eqs?\. \d", text), f"{p}: cites nothing in the paper"
+        for n, line in enumerate(text.splitlines(), 1):
+            if re.match(r"^\s+\w+: \S", line) and not line.lstrip().startswith("#"):
+                # a leaf value: its source on its line; a verl value names the verl key it reproduces
+                assert re.search(r"# \[(paper [§A-Z]|verl( example)? [a-z_.]+|verl\]|ours\])", line), \
+                    f"{p.name}:{n}: {line.strip()!r} has no [paper §X]/[verl KEY]/[ours]"
+    # the models are the paper's base models, named by their public hub ids
+    for m, hub in EMPG_HUB.items():
+        assert yaml.safe_load((PAPER / "models" / f"{m}.yaml").read_text())["model"]["path"] == hub
 
 
 def test_a_seed_override_reaches_the_run():
@@ -197,7 +276,7 @@ def test_generate_is_idempotent_and_matches_the_committed_files(tmp_path):
     root = tmp_path / "paper"
     shutil.copytree(PAPER, root, ignore=shutil.ignore_patterns("experiments", "__pycache__"))
     first = gen.write(root)
-    assert len(first) == 185 and all(c.startswith("+ ") for c in first)
+    assert len(first) == 165 + 16 and all(c.startswith("+ ") for c in first)
     assert gen.write(root) == []
     for p in EXPERIMENTS.rglob("*.yaml"):
         assert (root / "experiments" / p.relative_to(EXPERIMENTS)).read_bytes() == p.read_bytes(), p

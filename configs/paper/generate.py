@@ -15,11 +15,15 @@ Experiments (the values live in the parts, not here):
     experiments/qwen2.5-3b-instruct/. Table 3's RS-1 and Table 4's RS/STaR/PPS columns are
     the Tables 1-2 files. Table 5 (N = 1,000 / 4,000) needs no file of its own:
     --set task.options.n_train=1000 (or 4000).
-- "Training Large Language Models to Reason via EM Policy Gradient" (arXiv:2504.18587):
-  MODELS x MATH_TASKS x OBJECTIVES -> experiments/<model>/<task>-<objective>.yaml including
-  base.yaml, models/<model>.yaml, tasks/<task>.yaml, objectives/<objective>.yaml. That paper's
-  own models and hyperparameters could not be read here; these runs reuse the FEM matrix's
-  models and base settings, and each file says so.
+- "Training Large Language Models to Reason via EM Policy Gradient" (arXiv:2504.18587),
+  Tables 1-2: EMPG_MODELS (the paper's Qwen2.5 base models 1.5B, 7B, Math-7B and
+  14B-Instruct, Section 5) x MATH_TASKS (GSM8K, MATH levels 3-5) x OBJECTIVES (empg, grpo)
+  -> experiments/<model>/<task>-<objective>.yaml, including empg_base.yaml (this paper's
+  settings and verl's defaults, which it says it follows; not base.yaml, the FEM paper's),
+  models/<model>.yaml, tasks/<task>.yaml, objectives/<objective>.yaml. Two parts replace
+  the task or objective part where the paper says so: tasks/math-l3-5-2048.yaml for the
+  14B model on MATH (max_response_length 2048, Section 5.2) and objectives/empg-no-kl.yaml
+  for EMPG with the 1.5B model (beta = 0, Section 5.1); each includes the part it amends.
 
 Each file's header states where it departs from the paper. Running this twice changes
 nothing; files of experiments no longer in the matrix are removed.
@@ -43,8 +47,13 @@ SCHEMES = ("rs", "star", "pps")
 ABLATION_MODELS = ("qwen2.5-3b-instruct",)  # Appendix C: "Qwen 3B" on HelpSteer2
 ABLATION_TASKS = {"helpsteer2": JUDGE_TASKS["helpsteer2"]}
 ABLATION_SCHEMES = ("rs-3", "rs-5", "pps2", "pps3", "star2", "star3")
+EMPG_MODELS = ("qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-math-7b", "qwen2.5-14b-instruct")
 MATH_TASKS = ("gsm8k", "math-l3-5")
 OBJECTIVES = ("empg", "grpo")
+# (model, task) -> the task part used instead of tasks/<task>.yaml; (model, objective) -> the
+# objective part used instead of objectives/<objective>.yaml (each includes the one it amends)
+EMPG_TASK_PARTS = {("qwen2.5-14b-instruct", "math-l3-5"): "math-l3-5-2048"}  # Section 5.2
+EMPG_OBJECTIVE_PARTS = {("qwen2.5-1.5b", "empg"): "empg-no-kl"}  # Section 5.1
 
 # What each FEM experiment file says about its values: every value in the parts is cited to
 # the paper or marked [ours]/[TRL] there; these lines name the ones the paper does not state.
@@ -68,10 +77,28 @@ _SCHEME_SOURCE = {"rs": "Tables 1-2", "star": "Tables 1-2", "pps": "Tables 1-2",
                   **{s: "Appendix C, Table 3" for s in ("rs-3", "rs-5")},
                   **{s: "Appendix C, Table 4" for s in ("star2", "pps2", "star3", "pps3")}}
 
-_OBJECTIVE_NOTES = {
-    "empg": "N = 8 draws per prompt, beta = 0 and the 1,024-token limit are [ours]",
-    "grpo": "group size 8, beta = 0, clip 0.2 and the 1,024-token limit are [ours]",
+# What each EMPG experiment file says about its values (every value is cited in the parts):
+_MATH_TABLE = {"gsm8k": "Table 1 (GSM8K)", "math-l3-5": "Table 2 (MATH HARD)"}
+_MATH_LENGTHS = {"gsm8k": "512 / 1,024", "math-l3-5": "1,024 / 3,072", "math-l3-5-2048": "1,024 / 2,048"}
+_PAPER_SCORES = {  # EMPG paper, Tables 1-2: (EMPG, GRPO) test scores
+    ("qwen2.5-1.5b", "gsm8k"): (0.744, 0.739), ("qwen2.5-7b", "gsm8k"): (0.888, 0.867),
+    ("qwen2.5-math-7b", "gsm8k"): (0.918, 0.004), ("qwen2.5-14b-instruct", "gsm8k"): (0.952, 0.940),
+    ("qwen2.5-1.5b", "math-l3-5"): (0.575, 0.568), ("qwen2.5-7b", "math-l3-5"): (0.742, 0.730),
+    ("qwen2.5-math-7b", "math-l3-5"): (0.794, 0.755), ("qwen2.5-14b-instruct", "math-l3-5"): (0.808, 0.816),
 }
+_OBJECTIVE_NOTES = {
+    "empg": "EMPG: log P(tau) summed over the trajectory (Eqs. 10-12), no clipping, no importance weight",
+    "empg-no-kl": "EMPG with beta = 0, no KL term: the paper's setting for the 1.5B model (Section 5.1)",
+    "grpo": ("GRPO as verl runs it: beta = 0.001 (k3), clip 0.2, dual clip 3.0, token-mean [verl];\n"
+             "#   the paper states none of GRPO's values"),
+}
+_BETA_NOTES = {
+    "qwen2.5-7b": "# - EMPG's beta = 0.001 for this model is ours (verl's KL coefficient, as GRPO's): the paper\n"
+                  "#   states beta = 0 for 1.5B and a KL for 14B-Instruct only (Section 5.1);\n",
+    "qwen2.5-14b-instruct": "# - EMPG's KL \"remains beneficial\" for this model (Section 5.1); its beta = 0.001 is verl's\n"
+                            "#   KL coefficient (the paper gives no value);\n",
+}
+_BETA_NOTES["qwen2.5-math-7b"] = _BETA_NOTES["qwen2.5-7b"]
 
 
 def _judge(model: str, task: str, metric: str, scheme: str) -> str:
@@ -90,19 +117,31 @@ def _judge(model: str, task: str, metric: str, scheme: str) -> str:
 
 
 def _math(model: str, task: str, objective: str) -> str:
+    task_part = EMPG_TASK_PARTS.get((model, task), task)
+    objective_part = EMPG_OBJECTIVE_PARTS.get((model, objective), objective)
+    score = _PAPER_SCORES[(model, task)][OBJECTIVES.index(objective)]
+    failed = ",\n# \"GRPO failed to learn in this setting\"" if (model, task, objective) == (
+        "qwen2.5-math-7b", "gsm8k", "grpo") else ""
     return (f"# Generated by configs/paper/generate.py; edit the parts or the matrix there, not this file.\n"
-            f"# EM policy gradient paper (arXiv:2504.18587): {model}, {task}, objective {objective}.\n"
-            f"# Departures from the paper and values not verified against it (only its abstract\n"
-            f"# could be read here):\n"
-            f"# - the model, K = 5 iterations, lr 1e-6 -> 1e-7, 2,000 / 2,000 examples and every value\n"
-            f"#   of base.yaml are the FEM paper's settings, not this paper's;\n"
-            f"# - {_OBJECTIVE_NOTES[objective]};\n"
-            + ("# - MATH levels 3-5 as its \"HARD\" subset is our reading.\n" if task.startswith("math") else "") +
+            f"# EM policy gradient paper (arXiv:2504.18587), {_MATH_TABLE[task]}: {model}, objective {objective};\n"
+            f"# the paper's test score (the mean of its last 10 evaluations, Section 5.2): {score:.3f}{failed}.\n"
+            f"# 200 steps (Section 5) of 1,024 prompts x 5 rollouts at temperature 1.0 (Section 4.1), 4 AdamW\n"
+            f"# updates of 256 prompts per step, lr 1e-6 constant, an evaluation every 5 steps (Section 5.2),\n"
+            f"# max prompt / response tokens {_MATH_LENGTHS[task_part]} (Section 5.2).\n"
+            f"# {_OBJECTIVE_NOTES[objective_part]}.\n"
+            f"# Departures from the paper and values it does not state:\n"
+            f"# - learning rate, batch sizes, AdamW and clipping values are verl's defaults, which the paper\n"
+            f"#   says it follows (Section 5.2) without listing them (marked [verl] in the parts);\n"
+            f"# - 5 rollouts per prompt (verl's GRPO example), seed 257 and the test split as the held-out\n"
+            f"#   evaluation set are ours: the paper states none of them;\n"
+            + (_BETA_NOTES.get(model, "") if objective == "empg" else "") +
+            f"# - no prompt-length limit of its own: prompt + response are cut at mstep.max_seq_len (counted);\n"
+            f"# - float32 weights throughout (verl: float32 weights, bfloat16 compute).\n"
             f"include:\n"
-            f"  - ../../base.yaml\n"
+            f"  - ../../empg_base.yaml\n"
             f"  - ../../models/{model}.yaml\n"
-            f"  - ../../tasks/{task}.yaml\n"
-            f"  - ../../objectives/{objective}.yaml\n")
+            f"  - ../../tasks/{task_part}.yaml\n"
+            f"  - ../../objectives/{objective_part}.yaml\n")
 
 
 def experiments() -> dict[str, str]:
@@ -118,6 +157,7 @@ def experiments() -> dict[str, str]:
                 for metric in metrics:
                     for scheme in ABLATION_SCHEMES:
                         out[f"{model}/{task}-{metric}-{scheme}.yaml"] = _judge(model, task, metric, scheme)
+    for model in EMPG_MODELS:
         for task in MATH_TASKS:
             for objective in OBJECTIVES:
                 out[f"{model}/{task}-{objective}.yaml"] = _math(model, task, objective)
@@ -129,7 +169,9 @@ def missing_parts(root: Path = HERE) -> list[str]:
     need = ["base.yaml"] + [f"models/{m}.yaml" for m in MODELS]
     need += [f"schemes/{s}.yaml" for s in SCHEMES + ABLATION_SCHEMES]
     need += [f"tasks/{t}-{m}.yaml" for t, ms in JUDGE_TASKS.items() for m in ms]
-    need += [f"tasks/{t}.yaml" for t in MATH_TASKS] + [f"objectives/{o}.yaml" for o in OBJECTIVES]
+    need += ["empg_base.yaml"] + [f"models/{m}.yaml" for m in EMPG_MODELS]
+    need += [f"tasks/{t}.yaml" for t in (*MATH_TASKS, *EMPG_TASK_PARTS.values())]
+    need += [f"objectives/{o}.yaml" for o in (*OBJECTIVES, *EMPG_OBJECTIVE_PARTS.values())]
     return [p for p in need if not (root / p).is_file()]
 
 
