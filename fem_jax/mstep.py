@@ -4,8 +4,9 @@
   completion tokens carry loss (`loss_mask`), padding rows carry none. A sequence longer
   than `max_seq_len` is cut at the end (counted as truncated); one whose prompt alone
   fills `max_seq_len` keeps no completion token and is dropped (counted).
-- Batches are cut from length buckets (sequences padded to a multiple of `length_bucket`),
-  so a round compiles one step per bucket length, and shuffled with the run's seed.
+- Batches are random mini-batches of the round's sequences (shuffled with the run's seed;
+  long and short mixed, as TRL and verl draw them), each padded to its longest sequence
+  rounded up to a multiple of `length_bucket`: a round compiles one step per bucket length.
 - One optimizer step = `batch_size` sequences = `batch_size / micro_batch_size`
   micro-batches, accumulated inside the jitted step by `lax.scan`, the loss normalized
   over the whole step (`num_items`, TRL's convention).
@@ -92,33 +93,32 @@ class BatchStats:
 
 def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, seed: int,
                  stats: BatchStats | None = None) -> list[dict[str, np.ndarray]]:
-    """Length-bucketed, shuffled optimizer steps. Each is a dict of arrays shaped
-    (accum, micro, t): input_ids, attention_mask, loss_mask (aligned with targets), rewards,
-    and the objective's batch fields (advantages (accum, micro); old_logps (accum, micro, t),
-    filled later by Trainer.fill_old_logps)."""
+    """Shuffled optimizer steps of `batch_size` sequences each, as TRL and verl draw their
+    mini-batches: sequences of all lengths mixed. Each step is padded to its longest
+    sequence rounded up to a multiple of `length_bucket`, so a round compiles one step per
+    bucket length. A dict of arrays shaped (accum, micro, t): input_ids, attention_mask,
+    loss_mask (aligned with targets), rewards, and the objective's batch fields
+    (advantages (accum, micro); old_logps (accum, micro, t), filled later by
+    Trainer.fill_old_logps). The last step may be partial (padding rows carry no loss)."""
     spec = objectives.get(cfg.objective)
     stats = stats if stats is not None else BatchStats()
-    rng = np.random.RandomState(seed)
-    by_len: dict[int, list[int]] = {}
+    keep = []
     for i, e in enumerate(examples):
         if not e.completion_ids:
             continue
-        n = len(e.prompt_ids) + len(e.completion_ids)
         if len(e.prompt_ids) >= cfg.max_seq_len:
             stats.dropped += 1
             continue
-        stats.truncated += n > cfg.max_seq_len
-        n = min(n, cfg.max_seq_len)
-        by_len.setdefault(int(math.ceil(n / cfg.length_bucket) * cfg.length_bucket), []).append(i)
-    steps: list[tuple[int, list[int]]] = []
-    for t, idx in sorted(by_len.items()):
-        idx = [idx[j] for j in rng.permutation(len(idx))]
-        steps += [(t, idx[s:s + cfg.batch_size]) for s in range(0, len(idx), cfg.batch_size)]
-    order = rng.permutation(len(steps))
+        stats.truncated += len(e.prompt_ids) + len(e.completion_ids) > cfg.max_seq_len
+        keep.append(i)
+    order = [keep[j] for j in np.random.RandomState(seed).permutation(len(keep))]
     accum, micro = cfg.batch_size // cfg.micro_batch_size, cfg.micro_batch_size
     out = []
-    for j in order:
-        t, idx = steps[j]
+    for s in range(0, len(order), cfg.batch_size):
+        idx = order[s:s + cfg.batch_size]
+        longest = max(min(len(examples[i].prompt_ids) + len(examples[i].completion_ids), cfg.max_seq_len)
+                      for i in idx)
+        t = min(int(math.ceil(longest / cfg.length_bucket) * cfg.length_bucket), cfg.max_seq_len)
         b = {"input_ids": np.full((cfg.batch_size, t), pad_id, np.int32),
              "attention_mask": np.zeros((cfg.batch_size, t), bool),
              "loss_mask": np.zeros((cfg.batch_size, t), np.float32),

@@ -180,3 +180,27 @@ def test_config_include_composes_parts(tmp_path):
     (tmp_path / "cyc.yaml").write_text("include: [cyc.yaml]\n")
     with pytest.raises(ValueError, match="cycle"):
         load_config(tmp_path / "cyc.yaml")
+
+
+def test_batches_are_random_mixes_padded_to_their_longest_sequence():
+    """Like TRL's and verl's mini-batches: lengths mixed within a step, not sorted into
+    buckets; each step is padded to its longest sequence rounded up to the bucket."""
+    from fem_jax.mstep import BatchStats
+
+    cfg = MStepCfg(batch_size=4, micro_batch_size=4, max_seq_len=40, length_bucket=8)
+    rng = np.random.default_rng(0)
+    exs = [TrainExample([1] * 3, [2] * int(n), 1.0) for n in rng.integers(1, 30, size=16)] + \
+          [TrainExample([1] * 39, [2, 2], 1.0), TrainExample([1] * 40, [2], 1.0)]  # one cut, one dropped
+    stats = BatchStats()
+    batches = make_batches(exs, cfg, pad_id=0, seed=3, stats=stats)
+    assert (stats.sequences, stats.truncated, stats.dropped) == (17, 1, 1)
+    spreads = []
+    for b in batches:
+        lens = b["attention_mask"].reshape(4, -1).sum(-1)
+        lens = lens[lens > 0]
+        t = b["input_ids"].shape[-1]
+        assert t == min(40, -(-lens.max() // 8) * 8)
+        spreads.append(lens.max() - lens.min())
+    assert max(spreads) > 8  # at least one step mixes a short and a long sequence
+    again = make_batches(exs, cfg, pad_id=0, seed=3)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))

@@ -199,7 +199,7 @@ def _check_empg(cfg, where, model, task, objective):
     assert (cfg.estep.temperature, cfg.estep.top_p, cfg.estep.top_k) == (1.0, 1.0, 0), where  # Section 4.1; verl
     # Section 5.2: response length -> new tokens (E-step and evaluation), prompt + response -> sequence
     assert cfg.estep.max_new_tokens == cfg.eval.max_new_tokens == response_len, where
-    assert cfg.mstep.max_seq_len == cfg.mstep.length_bucket == prompt_len + response_len, where
+    assert cfg.mstep.max_seq_len == prompt_len + response_len and cfg.mstep.length_bucket == 256, where
     # verl: lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clipping 1.0, one epoch,
     # 256 prompts x N sequences per update (4 per step), one optimizer state for the whole run
     assert (cfg.mstep.lr_start, cfg.mstep.lr_end) == (1e-6, 1e-6), where
