@@ -57,6 +57,7 @@ class MStepCfg:
     clip_ratio_c: float = 3.0  # grpo's dual-clip bound (verl)
     lr_start: float = 1e-6  # round 1; decays linearly to lr_end at round K, constant within one
     lr_end: float = 1e-7
+    compute_dtype: str = ""  # bfloat16: forward/backward in bf16 from float32 master weights; empty: model.dtype
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -175,6 +176,8 @@ class Config:
         _check(m.max_seq_len >= 2, "mstep.max_seq_len", m.max_seq_len, ">= 2")
         _check(m.length_bucket >= 1, "mstep.length_bucket", m.length_bucket, ">= 1")
         _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", self.model.dtype, "float32 or bfloat16")
+        _check(m.compute_dtype in ("", "float32", "bfloat16"), "mstep.compute_dtype", m.compute_dtype,
+               "empty (model.dtype), float32 or bfloat16")
         _check(self.model.remat in REMAT_NAMES, "model.remat", self.model.remat, f"one of {', '.join(REMAT_NAMES)}")
         _check(self.rollout.backend in BACKENDS, "rollout.backend", self.rollout.backend,
                f"one of {', '.join(BACKENDS)}")

@@ -176,8 +176,8 @@ class Experiment:
         keep_base = cfg.mstep.beta > 0 or cfg.mstep.restart_from_base
         self.base_params = jax.tree.map(lambda x: x.copy(), params) if keep_base else None
         self.engine = make_engine(cfg.rollout.backend, model=model, tokenizer=self.tokenizer,
-                                  model_dir=self.model_dir, rollout_cfg=cfg.rollout, dtype=cfg.model.dtype,
-                                  seed=cfg.run.seed)
+                                  model_dir=self.model_dir, rollout_cfg=cfg.rollout,
+                                  dtype=cfg.mstep.compute_dtype or cfg.model.dtype, seed=cfg.run.seed)
         self.trainer = Trainer(self.model_cfg, params, cfg.mstep, self.mesh, cfg.model.remat,
                                self.base_params if cfg.mstep.beta > 0 else None, temperature=cfg.estep.temperature)
         del model, params

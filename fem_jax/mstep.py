@@ -149,7 +149,9 @@ def _decay_mask(params: dict) -> dict:
 
 def make_optimizer(cfg: MStepCfg) -> optax.GradientTransformation:
     # like transformers' Trainer: no weight decay on biases and norm weights
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+    # hyperparameters in float32 whatever the parameters' dtype: by default optax stores them in
+    # the parameters' dtype, and b2 = 0.999 is 1.0 in bfloat16 (Adam's bias correction divides by 0)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",), hyperparam_dtype=jnp.float32)(
         learning_rate=cfg.lr_start, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 
@@ -166,7 +168,17 @@ class StepSpec:
     temperature: float = 1.0  # divides the logits of the loss's log-probs (tempered objectives)
 
 
+def _compute(params, dtype: str):
+    """Mixed precision: the forward and backward run in `dtype` from parameters kept in their
+    own (float32) dtype; gradients flow back to the float32 masters through the cast."""
+    if not dtype:
+        return params
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def _logps(spec: StepSpec, params, mb, remat=None):
+    params = _compute(params, spec.cfg.compute_dtype)
     constrain = constrainer(spec.mesh, RULES)
     return token_logps(spec.model_cfg, params, mb["input_ids"], mb["attention_mask"],
                        temperature=spec.temperature, remat=spec.remat if remat is None else remat,

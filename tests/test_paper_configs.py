@@ -121,7 +121,8 @@ def test_experiment_files_are_include_lists_with_a_departures_header():
 
 def _check_fem(cfg, where, model, task, metric, scheme, budget):
     """The FEM paper's settings (Section 4.1), written out here, not read from the parts."""
-    assert cfg.model.path == HUB[model] and cfg.model.dtype == "bfloat16", where
+    assert cfg.model.path == HUB[model] and cfg.model.dtype == "float32", where
+    assert cfg.mstep.compute_dtype == "bfloat16", where
     assert cfg.task.name == task, where
     assert cfg.task.options == {"n_train": 2000, "n_test": 2000, "path": DATA[task], "metric": metric, "pool": True,
                                 **({"config": "axis"} if task == "summarize_feedback" else {})}, where

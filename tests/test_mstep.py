@@ -1,0 +1,89 @@
+"""The M-step's numerics: mixed precision keeps float32 master weights (a bfloat16 weight
+swallows a 1e-6 update), tempered log-probs are log softmax(logits / T), and θ_old's
+log-probs filled in before a round's first update are the current parameters'."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fem_jax.config import MStepCfg
+from fem_jax.models.transformer import ModelConfig, Transformer, forward
+from fem_jax.mstep import StepSpec, TrainExample, Trainer, _logps, make_batches
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+
+
+def params(dtype=jnp.float32):
+    return Transformer(CFG, dtype=dtype, rngs=nnx.Rngs(0), init_std=0.02).param_dict()
+
+
+def batch(cfg: MStepCfg, seed=0):
+    rng = np.random.default_rng(seed)
+    exs = [TrainExample(rng.integers(1, 64, 5).tolist(), rng.integers(1, 64, int(rng.integers(2, 9))).tolist(), 1.0)
+           for _ in range(cfg.batch_size)]
+    return make_batches(exs, cfg, pad_id=0, seed=seed)[0]
+
+
+def share_changed(before, after):
+    n = sum(v.size for v in before.values())
+    return sum(int(jnp.sum(before[k] != after[k])) for k in before) / n
+
+
+@pytest.mark.parametrize("compute,store,want_most", [("bfloat16", jnp.float32, True), ("", jnp.bfloat16, False)])
+def test_a_small_update_survives_only_in_float32_master_weights(compute, store, want_most):
+    cfg = MStepCfg(lr_start=1e-6, lr_end=1e-6, batch_size=4, micro_batch_size=4, grad_clip=0.0,
+                   compute_dtype=compute, length_bucket=8)
+    p0 = params(store)
+    tr = Trainer(CFG, p0, cfg)
+    before = jax.tree.map(jnp.copy, tr.params)
+    m = tr.step(batch(cfg))
+    assert np.isfinite(m["loss"]) and all(bool(jnp.isfinite(v.astype(jnp.float32)).all()) for v in tr.params.values())
+    changed = share_changed(before, tr.params)
+    assert (changed > 0.9) if want_most else (changed < 0.2), changed
+    assert all(v.dtype == jnp.dtype(store) for v in tr.params.values())
+
+
+def test_bfloat16_compute_gives_the_float32_loss_within_bf16_tolerance():
+    f32 = MStepCfg(batch_size=4, micro_batch_size=2, length_bucket=8)
+    bf16 = dataclasses.replace(f32, compute_dtype="bfloat16")
+    b = batch(f32)
+    with jax.default_matmul_precision("highest"):
+        l32 = Trainer(CFG, params(), f32).step(b)["loss"]
+    l16 = Trainer(CFG, params(), bf16).step(b)["loss"]
+    assert l16 == pytest.approx(l32, rel=2e-2) and l16 != l32
+
+
+def test_tempered_log_probs_are_the_log_softmax_of_logits_over_t():
+    p = params()
+    cfg = MStepCfg(batch_size=2, micro_batch_size=2, length_bucket=8)
+    b = batch(cfg)
+    mb = {k: jnp.asarray(v[0]) for k, v in b.items()}
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(_logps(StepSpec(CFG, cfg, None, "none", temperature=0.7), p, mb))
+        logits = np.asarray(forward(CFG, p, mb["input_ids"], mb["attention_mask"])[0], np.float64) / 0.7
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ids = np.asarray(mb["input_ids"])
+    want = np.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0] - logz[:, :-1]
+    mask = np.asarray(mb["loss_mask"])[:, :-1] > 0
+    np.testing.assert_allclose(got[:, :-1][mask], want[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_old_log_probs_are_the_current_parameters_at_the_sampling_temperature():
+    cfg = MStepCfg(objective="grpo", loss_agg="token-mean", reset_optimizer=False, batch_size=4, micro_batch_size=2,
+                   length_bucket=8)
+    tr = Trainer(CFG, params(), cfg, temperature=0.5)
+    b = batch(cfg)
+    assert "old_logps" in b and np.all(b["old_logps"] == 0)
+    tr.fill_old_logps([b])
+    flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in b.items()}
+    want = np.asarray(_logps(StepSpec(CFG, cfg, None, "none", temperature=0.5), tr.params, flat))
+    np.testing.assert_allclose(b["old_logps"].reshape(want.shape), want, rtol=1e-6, atol=1e-6)
+    m = tr.step(b)  # on-policy first update: the ratio is 1, nothing clipped
+    assert np.isfinite(m["loss"])
