@@ -280,7 +280,7 @@ class Trainer:
         self.params = jax.tree.map(jnp.copy, params)
         self.ref_params = ref_params
         self._init = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))
-        self.opt_state = self._init(self.params)
+        self.opt_state = None  # created by the first step or reset_optimizer: twice the parameters' size
         spec = objectives.get(cfg.objective)
         self.spec = StepSpec(model_cfg, cfg, mesh, remat, temperature if spec.tempered else 1.0)
 
@@ -290,6 +290,12 @@ class Trainer:
     def reset_optimizer(self) -> None:
         self.opt_state = None
         self.opt_state = self._init(self.params)
+
+    def opt_state_like(self):
+        """The optimizer state's shapes, dtypes and shardings (to restore one into)."""
+        abstract = jax.eval_shape(self._init, self.params)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device), abstract)
 
     def drop_optimizer(self) -> None:
         """Free the optimizer state (the next `reset_optimizer` creates a fresh one)."""
@@ -324,6 +330,8 @@ class Trainer:
                 b["old_logps"] = np.asarray(_batch_logps(self.spec, self.params, self._put(inputs)))
 
     def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        if self.opt_state is None:
+            self.reset_optimizer()
         self.params, self.opt_state, m = train_step(self.spec, self.params, self.opt_state, self._put(batch),
                                                     self.ref_params)
         return {k: float(v) for k, v in m.items()}
