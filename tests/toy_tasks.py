@@ -19,7 +19,9 @@ class EvenLengthTask:
     name = "even_length"
     hint_schemes = ("pps", "pps2", "pps3")
 
-    def __init__(self, seed=0, n_train=12, n_test=6):
+    def __init__(self, seed=0, n_train=12, n_test=6, operands=None, min_value=None, max_value=None):
+        # operands/min_value/max_value: configs/tiny.yaml's arithmetic options, which a test that
+        # loads it and sets task.name=even_length inherits (--set merges task.options); ignored
         self.n_train, self.n_test = n_train, n_test
 
     def load(self, split):
