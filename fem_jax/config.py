@@ -24,7 +24,7 @@ REMAT_NAMES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveabl
 
 @dataclasses.dataclass(frozen=True)
 class ModelCfg:
-    path: str = "smollm2-135m-instruct"  # HF folder, or a builtin name (smollm2-135m-instruct, tiny-random-llama)
+    path: str = "smollm2-135m-instruct"  # HF folder, or a builtin name (fem_jax.models.resolve)
     dtype: str = "float32"  # float32 | bfloat16
     remat: str = "none"  # M-step rematerialization of decoder layers: none | full | a jax.checkpoint policy name
 

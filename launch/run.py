@@ -1,7 +1,7 @@
 """Train a model to reason by filtered EM (or EM policy gradient / GRPO), resumably.
 
     python launch/run.py                                   # the embedded default, on a CPU
-    python launch/run.py --config configs/tiny.yaml        # a tiny random model: a smoke run
+    python launch/run.py --config configs/tiny.yaml        # a tiny model: a smoke run (about a minute)
     python launch/run.py --set estep.scheme=star --set mstep.lr_start=1e-5
     python launch/run.py --schemes rs,star,pps --seeds 257,521,1031
     python launch/run.py --config configs/tiny.yaml --mesh fsdp=4,tensor=2 --cpu-devices 8

@@ -2,7 +2,7 @@
 
 `resolve(name_or_path)` turns a model name into a Hugging Face folder, once for the whole
 package: a folder as it is, a builtin name (`smollm2-135m-instruct`, `tiny-random-llama`,
-`tiny-random-qwen2`) built into `cache_dir()` on first use. `from_pretrained` here takes
+`tiny-random-qwen2`, `tiny-arith-llama`) built into `cache_dir()` on first use. `from_pretrained` here takes
 either; `hf.from_pretrained` takes folders only.
 """
 

@@ -79,7 +79,7 @@ def _known_names() -> list[str]:
 
 def resolve(name_or_path: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
     """The Hugging Face folder for `name_or_path`: an existing folder as it is; a builtin name
-    (`smollm2-135m-instruct`, `tiny-random-llama`, `tiny-random-qwen2`) built once into `cache`
+    (`smollm2-135m-instruct`, `tiny-random-llama`, `tiny-random-qwen2`, `tiny-arith-llama`) built once into `cache`
     (default: cache_dir()) and its folder there."""
     path = Path(name_or_path)
     if path.is_dir():
