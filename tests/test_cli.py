@@ -35,7 +35,8 @@ def test_help_prints_its_description_once():
     (["--config", "no/such.yaml"], "no/such.yaml"),
     (["--mesh", "bogus"], "--mesh"),
     (["--mesh", "fsdp=64"], "--cpu-devices"),
-    (["--set", "task.options={path: /no/such/data}", "--set", "task.name=gsm8k"], "/no/such/data"),
+    (["--config", str(ROOT / "configs" / "default.yaml"), "--set", "task.options={path: /no/such/data}",
+      "--set", "task.name=gsm8k"], "/no/such/data"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, needle, tmp_path, tiny_cache_dir):
     r = run_cli("--config", str(ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "run"), *args,
