@@ -152,8 +152,7 @@ class Checkpointer:
             "has_opt_state": opt_state is not None,
             "params": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in params.items()},
         }
-        if step in self.unsealed_steps():
-            self._mgr.delete(step)
+        self._delete([step] if step in self.unsealed_steps() else [], "replace")
         items = {"params": ocp.args.StandardSave(dict(params), save_args=_save_args(params)),
                  "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
@@ -181,8 +180,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         if self._keep:
-            for s in self.all_steps()[:-self._keep]:
-                self._mgr.delete(s)
+            self._delete(self.all_steps()[:-self._keep], "prune")
 
     def _dir(self, step: int) -> Path:
         return self.root / str(step)
@@ -209,9 +207,18 @@ class Checkpointer:
         """Delete every unsealed step (through orbax, so its bookkeeping stays right);
         return them."""
         dropped = self.unsealed_steps()
-        for s in dropped:
-            self._mgr.delete(s)
+        self._delete(dropped, "drop_unsealed")
         return dropped
+
+    def _delete(self, steps: list[int], why: str) -> None:
+        """Delete `steps`, which every process listed itself, through orbax (process 0
+        deletes, then all meet). Several processes meet first, so that none lists the
+        steps after process 0 has deleted one (it would skip orbax's delete, and its
+        barrier, that the others wait in), under a name that carries the list: processes
+        that disagree fail at once (AssertionError: name mismatch) instead of hanging."""
+        _barrier(f"fem_jax_{why}_{list(steps)}")
+        for s in steps:
+            self._mgr.delete(s)
 
     def verify_step(self, step: int, checksums: bool = True) -> dict:
         """Check step `step` against its manifest (every file present, of its size, with

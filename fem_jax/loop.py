@@ -145,6 +145,17 @@ def _process_info() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def _barrier(name: str) -> None:
+    """All processes meet here (several hosts): a decision read from the run folder before
+    it is taken the same everywhere, because process 0 writes only after the barrier. The
+    name carries what each process read: processes that read different states (a run
+    folder that is not one shared folder for all hosts) fail here at once, naming it."""
+    if _process_info()[1] > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fem_jax:{name}")
+
+
 class Experiment:
     """Everything one run needs, built once: model, tokenizer, task data, engine, trainer.
     Building writes nothing: a failed start leaves the run folder as it was."""
@@ -203,7 +214,9 @@ class Experiment:
 
     def estep(self, k: int) -> list[Draw]:
         path = self.folder.round_dir(k) / "rollouts.jsonl"
-        if path.exists():
+        exists = path.exists()
+        _barrier(f"estep-{k}-{exists}")  # process 0 writes the file only after every process looked
+        if exists:
             try:
                 draws = read_draws(path)
                 self.console(f"{self._name(k)}: reusing the E-step's {len(draws)} draws from {path}")
@@ -368,15 +381,18 @@ class Experiment:
         if done > c.run.iterations:
             raise ValueError(f"run.iterations={c.run.iterations}, but {out} has finished round {done}; "
                              "ask for at least that many")
+        base_done = self.folder.read_metrics(0) is not None
+        round_done = done == 0 or self.folder.read_metrics(done) is not None
+        _barrier(f"resume-state-{done}-{base_done}-{round_done}")  # every process decides from the same state
         self._open_trackers()
         self._current = 0
-        if self.folder.read_metrics(0) is None:
+        if not base_done:
             self.console(f"{self._name(0)}: evaluating the base model on {len(self.test)} test examples")
             row = {"round": 0, self._key: 0, **self.evaluate(0)}
             self._finish_round(0, row)
         if done:
             params, opt_state, meta = ckpt.restore(done, _like(self.trainer.params),
-                                                   None if c.mstep.reset_optimizer else _like(self.trainer.opt_state))
+                                                   None if c.mstep.reset_optimizer else self.trainer.opt_state_like())
             self.trainer.set_params(params)
             if opt_state is not None:
                 self.trainer.opt_state = opt_state
@@ -384,7 +400,7 @@ class Experiment:
                 self.trainer.drop_optimizer()
             self.console(f"resuming {out} after {self._name(done)}")
             sync = self.engine.sync(self.weights(done, saved=True))
-            if self.folder.read_metrics(done) is None:  # killed between the checkpoint and the metrics
+            if not round_done:  # killed between the checkpoint and the metrics
                 row = dict(meta.get("round_metrics") or {})
                 if not row:
                     raise ValueError(f"{out}/checkpoints/{done}: has no metrics of round {done} to complete")
@@ -395,7 +411,12 @@ class Experiment:
         for k in range(done + 1, c.run.iterations + 1):
             self.round(k, ckpt)
         ckpt.close()
+        _barrier("rows")  # process 0 has written every round's metrics.json: all read the same rows
         rows = self.rows()
+        lost = [k for k in range(c.run.iterations + 1) if k not in {r["round"] for r in rows}]
+        if lost:  # a metrics.json deleted before the latest checkpoint's round: never end without it
+            raise ValueError(f"{self.folder.metrics_file(lost[0])}: missing, and only the latest checkpoint's "
+                             f"round is recomputed; restore the file or use a new --out")
         self._write_reports(rows)
         if self.trackers is not None:
             self.trackers.close()
