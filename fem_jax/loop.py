@@ -61,7 +61,7 @@ class Console:
 
     def __init__(self, log: Log | None = None, bars: bool | None = None):
         self._log = log
-        self.bars = (sys.stderr.isatty() if bars is None else bars) and log is None
+        self.bars = (sys.stderr.isatty() if bars is None else bars) and log is None and _process_info()[0] == 0
 
     def __call__(self, msg: str) -> None:
         if self._log is not None:

@@ -257,5 +257,10 @@ def materialize(name: str, cache: str | os.PathLike) -> Path:
                 if not _arith_complete(folder):  # another process may have built it meanwhile
                     build_arith(folder)
     elif not (folder / "config.json").exists():
-        build(folder, family=name.rsplit("-", 1)[1])
+        from .builtin import _lock
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(folder.parent / f".{name}.lock"):  # several processes may start on a fresh cache
+            if not (folder / "config.json").exists():
+                build(folder, family=name.rsplit("-", 1)[1])
     return folder

@@ -228,18 +228,25 @@ class VllmEngine:
         then load it into the running engine. Returns the timings of both."""
         import time
 
+        import jax
+
         t0 = time.perf_counter()
         folder = Path(weights.export_dir)
-        if weights.saved:
-            from ..checkpoint import export_hf
+        if jax.process_index() == 0:  # one export in the shared run folder; every process loads it
+            if weights.saved:
+                from ..checkpoint import export_hf
 
-            export_hf(weights.checkpoints, folder, step=weights.round, dtype=self.llm_args["dtype"],
-                      tokenizer_from=weights.tokenizer_from)
-        else:
-            from ..models.hf import save_params
+                export_hf(weights.checkpoints, folder, step=weights.round, dtype=self.llm_args["dtype"],
+                          tokenizer_from=weights.tokenizer_from)
+            else:
+                from ..models.hf import save_params
 
-            save_params(weights.params, weights.model_config, folder, dtype=self.llm_args["dtype"],
-                        tokenizer_from=weights.tokenizer_from)
+                save_params(weights.params, weights.model_config, folder, dtype=self.llm_args["dtype"],
+                            tokenizer_from=weights.tokenizer_from)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"fem_jax:vllm-export-{weights.round}")
         t1 = time.perf_counter()
         self.update(folder)
         return {"seconds_export": t1 - t0, "seconds_sync": time.perf_counter() - t0, **self.last_update}
