@@ -16,14 +16,33 @@ heads, k kv heads, g query heads per kv head, h head dim, f mlp width, v vocab, 
 
 The KV cache is an explicit fixed-shape pytree (`init_cache`) that `__call__` takes and
 returns; slot `cache_index + j` receives the j-th input token. Keys and values are kept
-(b, k, s, h), the layout the attention matmuls read without a transpose. A query at
+(b, k, s, h), the layout the einsum attention reads without a transpose. A query at
 slot q sees the key slots s <= q whose mask bit is set, so left padding and decoding
-share one rule.
+share one rule. A prefill at the static `cache_index=0` attends over its own t keys, not
+the s slots of the cache (the slots past t are in its causal future anyway).
+
+Attention (`attn_impl`, static): "einsum" (our own two matmuls and a float32 softmax),
+"xla" or "cudnn" (`jax.nn.dot_product_attention` with that implementation; cudnn is
+the fused flash-attention kernel, bfloat16/float16 on a GPU only), or "auto": cudnn
+where the backend is a GPU, the dtype half precision and the call has no cache to read
+(training, prefill); einsum otherwise (CPU, float32, decoding from the cache layout).
+Left padding rides in a boolean mask on every path; on the cudnn path, where the mask
+becomes a bias, a batch with no left-padded row (training batches are padded on the
+right) runs on the causal flag alone.
+
+Rematerialization (`remat`, static): a name of REMAT_POLICIES — "none", "full" (save
+nothing inside a layer), or one of jax.checkpoint_policies' names; True/False mean
+"full"/"none".
+
+`token_logps` scores each next token from the final hidden states with the vocabulary
+projection cut into chunks of the sequence, each chunk's logits recomputed in the
+backward pass (a custom VJP): a training step never holds (b, t, v) float32 logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -35,6 +54,11 @@ from flax import nnx
 Array = jax.Array
 
 _NEG = -1e30  # finite "minus infinity": a fully masked (padding) row stays NaN-free
+
+ATTN_IMPLS = ("auto", "einsum", "xla", "cudnn")
+# remat names: "none", "full", and jax.checkpoint_policies' policies that take no argument
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+LOGITS_CHUNK_BYTES = 1 << 28  # token_logps' default chunk: float32 logits of at most this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,30 +256,84 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """q (b, t, n, h), k/v (b, k, s, h), mask (b, t, s) bool -> (b, t, n*h).
+def attention(q: Array, k: Array, v: Array, mask: Array, impl: str = "einsum", *,
+              kv_heads_first: bool = True, causal: bool = False) -> Array:
+    """q (b, t, n, h), k/v (b, k, s, h) — or (b, s, k, h) when not `kv_heads_first` —,
+    mask (b, t, s) bool -> (b, t, n*h). `impl`: "einsum", "xla" or "cudnn" (resolved, see
+    `attn_impl_for`); `causal` tells the fused kernel that mask includes the causal
+    triangle of t == s slots (it may then skip the blocks above the diagonal).
 
     The output is transposed as an activation, here, and flattened for a 2-D output
     projection: left to choose, XLA on CPU transposes the (n, h, d) weight instead, at
     every call."""
     b, t, n, h = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, n // kv, h)  # (b, t, kv, group, h)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    w = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", w, v)  # the matmul's own output order
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)  # (b, t, n*h): heads flattened
+    if impl == "einsum":
+        kv = k.shape[1] if kv_heads_first else k.shape[2]
+        sk = "bksh" if kv_heads_first else "bskh"
+        q = q.reshape(b, t, kv, n // kv, h)  # (b, t, kv, group, h)
+        scores = jnp.einsum(f"btkgh,{sk}->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (h**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+        w = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum(f"bkgts,{sk}->bkgth", w, v)  # the matmul's own output order
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)  # (b, t, n*h): heads flattened
+    if impl not in ("xla", "cudnn"):
+        raise ValueError(f"attention: unknown implementation {impl!r}; choose from {ATTN_IMPLS}")
+    if kv_heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, s, k, h)
+    dpa = functools.partial(jax.nn.dot_product_attention, implementation=impl)
+    if impl == "cudnn" and causal:
+        # Under the causal triangle, rows padded on the right (training batches) need no
+        # mask: their padding keys lie right of every real query. Only left padding (a
+        # padding slot before a real one) needs the mask, which cuDNN reads as a bias.
+        valid = mask[:, -1, :]  # (b, s): the last query's row is the key mask
+        left_padded = jnp.any(~valid[:, :-1] & valid[:, 1:])
+        out = jax.lax.cond(left_padded, lambda: dpa(q, k, v, mask=mask[:, None], is_causal=True),
+                           lambda: dpa(q, k, v, is_causal=True))
+    else:
+        out = dpa(q, k, v, mask=mask[:, None])  # (b, t, n, h)
+    return out.reshape(b, t, n * h)
+
+
+def attn_impl_for(impl: str, dtype, head_dim: int, reads_cache: bool, length: int = 2) -> str:
+    """Resolve "auto" (see the module docstring) for a call with `length` query tokens;
+    check the other names."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl {impl!r} is unknown; choose from {', '.join(ATTN_IMPLS)}")
+    if impl != "auto":
+        return impl
+    # cuDNN's flash attention: half precision, head dim a multiple of 8 up to 128 (256 on
+    # Hopper), even lengths with a bias (the left-padding mask) in training
+    fused = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+             and head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0 and not reads_cache)
+    return "cudnn" if fused else "einsum"
+
+
+def remat_policy(remat: str | bool | None):
+    """A REMAT_POLICIES name (or True/False) -> (enabled, jax.checkpoint policy)."""
+    name = "full" if remat is True else "none" if remat is False or remat is None else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is unknown; choose from {', '.join(REMAT_POLICIES)} (or True/False)")
+    if name in ("none", "full"):
+        return name == "full", None
+    return True, getattr(jax.checkpoint_policies, name)
+
+
+def _rematted(fn, remat):
+    on, policy = remat_policy(remat)
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False) if on else fn
 
 
 def decoder_layer(
     cfg: ModelConfig, lp: dict[str, Array], x: Array, cos: Array, sin: Array,
     mask: Array, kv: tuple[Array, Array, Array] | None, cache_index,
+    attn_impl: str = "einsum", fresh: bool = False,
 ) -> tuple[Array, tuple[Array, Array, Array] | None]:
     """One pre-norm decoder layer. `lp` holds this layer's weights (no `layers` axis).
     `kv` is None, or (cache k, cache v, layer index) with the stacked (l, b, k, s, h)
-    cache, or (cache k, cache v, None) with this layer's own (b, k, s, h) cache."""
+    cache, or (cache k, cache v, None) with this layer's own (b, k, s, h) cache. `fresh`:
+    the queries attend to their own keys only (no cache, or a prefill at slot 0; `mask`
+    is then (b, t, t)), else to the cache's first mask.shape[-1] slots (`mask` (b, t, s))."""
     with jax.named_scope("attention"):
         h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
         q = jnp.einsum("btd,dnh->btnh", h, lp["wq"])
@@ -264,23 +342,32 @@ def decoder_layer(
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, k, t, h)
+        fresh = fresh or kv is None
+        impl = attn_impl_for(attn_impl, q.dtype, cfg.head_dim, not fresh, q.shape[1])
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, k, t, h)
+        heads_first = impl == "einsum" or not fresh  # the layout attention reads
+        ak, av = (kt, vt) if heads_first else (k, v)
         if kv is not None:
             ck, cv, layer = kv
             if layer is None:  # this layer's own cache
                 idx = (0, 0, cache_index, 0)
-                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
-                k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+                ck = jax.lax.dynamic_update_slice(ck, kt.astype(ck.dtype), idx)
+                cv = jax.lax.dynamic_update_slice(cv, vt.astype(cv.dtype), idx)
+                if not fresh:
+                    ak, av = ck.astype(q.dtype), cv.astype(q.dtype)
             else:  # the whole stacked cache rides in the scan carry: updated in place
                 idx = (layer, 0, 0, cache_index, 0)
-                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), idx)
-                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), idx)
-                k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
-                v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
+                ck = jax.lax.dynamic_update_slice(ck, kt[None].astype(ck.dtype), idx)
+                cv = jax.lax.dynamic_update_slice(cv, vt[None].astype(cv.dtype), idx)
+                if not fresh:
+                    ak = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
+                    av = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
             kv = (ck, cv, layer)
+            if not fresh and mask.shape[-1] < ak.shape[2]:  # `kv_len`: the filled slots only
+                ak, av = ak[:, :, :mask.shape[-1]], av[:, :, :mask.shape[-1]]
+        a = attention(q, ak, av, mask, impl, kv_heads_first=heads_first, causal=fresh)
         wo = lp["wo"]
-        o = jnp.einsum("bte,ed->btd", attention(q, k, v, mask), wo.reshape(-1, wo.shape[-1]))
+        o = jnp.einsum("bte,ed->btd", a, wo.reshape(-1, wo.shape[-1]))
         if cfg.o_bias:
             o = o + lp["bo"]
         x = x + o
@@ -325,9 +412,11 @@ def forward(
     cache: dict[str, Array] | None = None,
     cache_index: Array | int = 0,
     *,
-    remat: bool = False,
+    remat: str | bool = "none",
     constrain: Callable[[Array, tuple[str, ...]], Array] | None = None,
     return_hidden: bool = False,
+    attn_impl: str = "auto",
+    kv_len: int | None = None,
 ) -> tuple[Array, dict[str, Array] | None]:
     """Pure forward pass. Returns (logits (b, t, v) float32 — or the final hidden states
     when `return_hidden` — and the updated cache, or None without one).
@@ -335,6 +424,9 @@ def forward(
     Positions follow the mask: the i-th real token of a row has position i (counting the
     tokens already in the cache), so left-padded rows match their unpadded selves.
     `constrain(x, logical_axes)` may pin activation shardings (see fem_jax.sharding).
+    `remat` (a REMAT_POLICIES name) and `attn_impl` (ATTN_IMPLS) are static options.
+    `kv_len` (static): decoding attends to the first kv_len cache slots only, which must
+    hold every slot written so far and by this call (shorter attention for a long cache).
     """
     b, t = input_ids.shape
     dtype = params["embed"].dtype
@@ -351,28 +443,33 @@ def forward(
         x = pin(jnp.take(params["embed"], input_ids, axis=0), ("batch", "seq", "act_embed"))
     cos, sin = rope_cos_sin(cfg, positions, dtype)
 
-    if cache is None:
-        kv_mask = attention_mask
-        q_slot = jnp.arange(t)
-        s = t
-    else:
+    remat_policy(remat)  # unknown names fail here, with or without layers to remat
+    attn_impl_for(attn_impl, dtype, cfg.head_dim, False)
+    # a prefill at the static slot 0 attends to its own t keys: the slots past t are in the
+    # causal future of every query, whatever the cache holds there
+    fresh = cache is None or (isinstance(cache_index, (int, np.integer)) and int(cache_index) == 0)
+    kv_mask = attention_mask
+    if cache is not None:
         kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, cache_index))
-        q_slot = cache_index + jnp.arange(t)
-        s = cache["mask"].shape[1]
-    mask = (jnp.arange(s)[None, None, :] <= q_slot[None, :, None]) & kv_mask[:, None, :]  # (b, t, s)
+    q_slot = (0 if fresh else cache_index) + jnp.arange(t)
+    s = t if fresh else cache["mask"].shape[1] if kv_len is None else kv_len
+    if cache is not None and not 0 < s <= cache["mask"].shape[1]:
+        raise ValueError(f"kv_len {kv_len} must be in [1, {cache['mask'].shape[1]}] (the cache length)")
+    mask = (jnp.arange(s)[None, None, :] <= q_slot[None, :, None]) & kv_mask[:, None, :s]  # (b, t, s)
+    layer_fn = _rematted(functools.partial(decoder_layer, cfg, attn_impl=attn_impl, fresh=fresh), remat)
 
     if "layers" in params:  # per-layer weights (unstack_layers): a Python loop over layers
         ks, vs = [], []
         for i, lp in enumerate(params["layers"]):
             kv = None if cache is None else (cache["k"][i], cache["v"][i], None)
-            x, kv = decoder_layer(cfg, lp, x, cos, sin, mask, kv, cache_index)
+            x, kv = layer_fn(lp, x, cos, sin, mask, kv, cache_index)
             x = pin(x, ("batch", "seq", "act_embed"))
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
         kv_out = [tuple(ks), tuple(vs)]
     else:
-        x, kv_out = _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, remat, pin)
+        x, kv_out = _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, layer_fn, pin)
 
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     new_cache = None
@@ -393,19 +490,17 @@ def _layer_stacks(params: dict[str, Array]) -> dict[str, Array]:
     return {k.split("/", 1)[1]: v for k, v in params.items() if k.startswith("layers/")}
 
 
-def _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, remat, pin):
+def _scan_layers(cfg, params, x, cos, sin, mask, cache, cache_index, layer_fn, pin):
     stacked = _layer_stacks(params)
 
     def body(carry, xs):
         x, ck, cv = carry
         lp, layer = xs
         kv = None if ck is None else (ck, cv, layer)
-        x, kv = decoder_layer(cfg, lp, x, cos, sin, mask, kv, cache_index)
+        x, kv = layer_fn(lp, x, cos, sin, mask, kv, cache_index)
         x = pin(x, ("batch", "seq", "act_embed"))
         return (x, None, None) if kv is None else (x, kv[0], kv[1]), None
 
-    if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
     carry = (x, None, None) if cache is None else (x, cache["k"], cache["v"])
     with jax.named_scope("layers"):
         (x, *kv_out), _ = jax.lax.scan(body, carry, (stacked, jnp.arange(cfg.num_hidden_layers)))
@@ -428,6 +523,123 @@ def lm_logits(cfg: ModelConfig, params: dict[str, Array], x: Array) -> Array:
     if cfg.tie_word_embeddings:
         return jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("btd,dv->btv", x, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def _lm_weight(cfg: ModelConfig, params: dict[str, Array]) -> tuple[Array, str]:
+    """The vocabulary projection and the einsum that applies it to (b, t, d)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"], "btd,vd->btv"
+    return params["lm_head"], "btd,dv->btv"
+
+
+def default_logps_chunk(vocab: int, batch: int, length: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
+    """Sequence positions per chunk: a power of two whose float32 logits (batch x chunk x
+    vocab) fit `budget` bytes, at least 1 and no more than the length needs."""
+    c = max(1, budget // max(1, 4 * vocab * batch))
+    c = 1 << (c.bit_length() - 1)
+    return min(c, 1 << max(0, (length - 1).bit_length()))
+
+
+def token_logps(cfg: ModelConfig, params: dict[str, Array], input_ids: Array, attention_mask: Array | None = None,
+                *, temperature: float | Array = 1.0, remat: str | bool = "none",
+                constrain: Callable[[Array, tuple[str, ...]], Array] | None = None, chunk: int | None = None,
+                attn_impl: str = "auto") -> Array:
+    """Per-token log-probabilities (b, t) float32: position j scores the next token,
+    log softmax(logits_j / temperature)[input_ids[:, j+1]]; the last position (no next
+    token) is 0. The policy's log-probs at the sampling temperature, as verl and TRL
+    compute them.
+
+    The final hidden states go through the vocabulary projection `chunk` positions at a
+    time (default: `default_logps_chunk`) with a custom backward pass: the forward keeps
+    each position's log-prob and logsumexp only, the backward recomputes one chunk's
+    logits at a time, so neither holds (b, t, v) float32 logits. Same values and
+    gradients as the whole-sequence log-softmax (the projection's gradient summed over
+    the chunks in float32)."""
+    x, _ = forward(cfg, params, input_ids, attention_mask, remat=remat, constrain=constrain,
+                   return_hidden=True, attn_impl=attn_impl)
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    lp = hidden_logps(cfg, params, x, targets, temperature=temperature, chunk=chunk, constrain=constrain)
+    return lp.at[:, -1].set(0.0)  # no next token
+
+
+def hidden_logps(cfg: ModelConfig, params: dict[str, Array], x: Array, targets: Array, *,
+                 temperature: float | Array = 1.0, chunk: int | None = None,
+                 constrain: Callable[[Array, tuple[str, ...]], Array] | None = None) -> Array:
+    """Final hidden states x (b, t, d), targets (b, t) -> log softmax(x W / temperature)
+    at the targets, (b, t) float32, computed `chunk` sequence positions at a time."""
+    b, t, d = x.shape
+    c = chunk or default_logps_chunk(cfg.vocab_size, b, t)
+    if c < 1:
+        raise ValueError(f"token_logps: chunk must be >= 1, got {c}")
+    c = min(c, t)
+    n = -(-t // c)
+    if n * c > t:  # a last, partial chunk: pad it (its positions are dropped below)
+        x = jnp.pad(x, ((0, 0), (0, n * c - t), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, n * c - t)))
+    xs = x.reshape(b, n, c, d).swapaxes(0, 1)  # (n, b, c, d): chunks of the sequence, batch kept whole
+    ts = targets.reshape(b, n, c).swapaxes(0, 1)  # (n, b, c)
+    w, spec = _lm_weight(cfg, params)
+    w_axes = param_shapes(cfg)["embed" if cfg.tie_word_embeddings else "lm_head"][1]
+    scaled = not (isinstance(temperature, (int, float)) and temperature == 1.0)
+    inv_t = (1.0 / jnp.asarray(temperature, jnp.float32)) if scaled else jnp.float32(1.0)
+    with jax.named_scope("lm_head_logps"):
+        out = _chunked_logps(spec, w_axes, scaled, constrain, xs, ts, w, inv_t)  # (n, b, c)
+    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+
+
+def _chunk_logits(spec, pin, xc, w, inv_t, scaled):
+    """(raw float32 logits, tempered logits) of one chunk (b, c, v)."""
+    raw = jnp.einsum(spec, pin(xc, ("batch", "seq", "act_embed")), w, preferred_element_type=jnp.float32)
+    return raw, (raw * inv_t if scaled else raw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _chunked_logps(spec, w_axes, scaled, constrain, xs, ts, w, inv_t):
+    return _chunked_logps_fwd(spec, w_axes, scaled, constrain, xs, ts, w, inv_t)[0]
+
+
+def _chunked_logps_fwd(spec, w_axes, scaled, constrain, xs, ts, w, inv_t):
+    pin = constrain or (lambda a, axes: a)
+
+    def one(a):
+        xc, tc = a
+        _, z = _chunk_logits(spec, pin, xc, w, inv_t, scaled)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        return jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse, lse
+
+    out, lse = jax.lax.map(one, (xs, ts))  # (n, b, c) each: only these are kept
+    return out, (xs, ts, w, inv_t, lse)
+
+
+def _chunked_logps_bwd(spec, w_axes, scaled, constrain, res, g):
+    """Per chunk: recompute the logits, d logp[target] / d z = onehot - softmax(z); the
+    vocabulary projection's gradient is summed over the chunks in float32 (a bfloat16 sum
+    of many chunks would lose what one whole-sequence matmul keeps)."""
+    xs, ts, w, inv_t, lse = res
+    pin = constrain or (lambda a, axes: a)
+    w_sub = spec.split(",")[1].split("->")[0]  # "dv" (lm_head) or "vd" (tied embedding)
+
+    def one(carry, a):
+        dw, dinv = carry
+        xc, tc, lc, gc = a
+        raw, z = _chunk_logits(spec, pin, xc, w, inv_t, scaled)
+        p = jnp.exp(z - lc[..., None])
+        onehot = jnp.arange(z.shape[-1]) == tc[..., None]
+        dz = gc[..., None] * (onehot.astype(jnp.float32) - p)  # (b, c, v)
+        if scaled:
+            dinv = dinv + jnp.sum(dz * raw)
+            dz = dz * inv_t
+        dx = jnp.einsum(f"btv,{w_sub}->btd", dz.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        dw = pin(dw + jnp.einsum(f"btd,btv->{w_sub}", xc, dz.astype(xc.dtype), preferred_element_type=jnp.float32),
+                 w_axes)
+        return (dw, dinv), dx.astype(xc.dtype)
+
+    dw0 = pin(jnp.zeros(w.shape, jnp.float32), w_axes)
+    (dw, dinv), dxs = jax.lax.scan(one, (dw0, jnp.float32(0)), (xs, ts, lse, g))
+    return dxs, None, dw.astype(w.dtype), dinv.astype(inv_t.dtype)
+
+
+_chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
 
 
 def _get(var: nnx.Variable):
