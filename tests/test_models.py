@@ -22,6 +22,15 @@ from hf_models import assert_close, build_hf, hf_logits, save_hf, tiny_config
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _highest_matmul_precision():
+    """Float32 parity needs float32 matmuls: a GPU's default precision is lower (TF32 or
+    bfloat16 passes), the CPU's is not. Set here, so the module passes on both."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 
@@ -53,6 +62,12 @@ def built(tmp_path_factory):
 
 def _ids(b, t, vocab=160, seed=0):
     return np.random.RandomState(seed).randint(3, vocab, (b, t))
+
+
+def test_parity_runs_at_highest_matmul_precision():
+    """The module fixture is in force (on a CPU it changes nothing; on a GPU, without it,
+    the float32 parity tests below fail)."""
+    assert jax.config.jax_default_matmul_precision == "highest"
 
 
 # ----------------------------------------------------------------------------- per op

