@@ -14,6 +14,14 @@ from hf_models import build_hf, save_hf, tiny_config
 torch = pytest.importorskip("torch")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _highest_matmul_precision():
+    """Float32 parity needs float32 matmuls: a GPU's default precision is lower (TF32 or
+    bfloat16 passes), the CPU's is not. Set here, so the module passes on both."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 class IdTokenizer:
     """Whitespace-separated token ids in and out: lets tests pick exact ids."""
 
@@ -206,3 +214,30 @@ def test_compacting_finished_rows_changes_nothing(pair):
             np.testing.assert_allclose(sa.logprobs, sb.logprobs, rtol=1e-5, atol=1e-6)
     lengths = {len(s.token_ids) for o in a for s in o}
     assert len(lengths) > 3  # the stops really were staggered
+
+
+def test_kv_buckets_change_nothing(pair):
+    """Decoding over the filled part of the cache only (power-of-two buckets of slots, the
+    GPU default) gives the samples of decoding over the whole cache; forced on here, on
+    CPU, over a generation that crosses two buckets."""
+    _, model = pair
+    prompts = ["3 4 5", "6 7 8 9 10 11 12 13 14 15 16 17 18", "12"]
+    kw = dict(n=2, temperature=1.0, max_new_tokens=300, seed=5)
+    on = JaxEngine(model, IdTokenizer(), chunk=32, eos_token_ids=[-1], kv_buckets=True)
+    off = JaxEngine(model, IdTokenizer(), chunk=32, eos_token_ids=[-1], kv_buckets=False)
+    a, b = on.generate(prompts, **kw), off.generate(prompts, **kw)
+    assert {k[-1] for k in on.shapes_compiled if k[0] == "decode"} == {128, 256, None}
+    assert {k[-1] for k in off.shapes_compiled if k[0] == "decode"} == {None}
+    for oa, ob in zip(a, b):
+        for sa, sb in zip(oa, ob):
+            assert sa.token_ids == sb.token_ids and len(sa.token_ids) == 300
+            np.testing.assert_allclose(sa.logprobs, sb.logprobs, rtol=1e-5, atol=1e-5)
+    greedy = on.generate(["5 9 33 71"], temperature=0, max_new_tokens=200)[0][0].token_ids
+    assert greedy == off.generate(["5 9 33 71"], temperature=0, max_new_tokens=200)[0][0].token_ids
+
+
+def test_default_decode_chunk_follows_the_backend(pair):
+    _, model = pair
+    engine = JaxEngine(model, IdTokenizer())
+    assert engine.chunk == (64 if jax.default_backend() == "gpu" else 16)
+    assert engine.kv_buckets == (jax.default_backend() == "gpu")
