@@ -129,13 +129,17 @@ def report(**kw) -> None:
 
 # --------------------------------------------------------------------------- in the parent
 
-def run_child(script: str, spec: dict, timeout: float | None = None) -> dict:
+def run_child(script: str, spec: dict, timeout: float | None = None, platforms: str | None = "cpu") -> dict:
     """Run `python script --child JSON` and return the dict of its RESULT line.
 
     Keep the parent small (no jax/torch imports, no model in it): on Linux a child's
     ru_maxrss starts from its parent's resident size at fork, so a big parent would show
-    up in every child's peak. Prepare models in a child too (`prepare_child`)."""
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+    up in every child's peak. Prepare models in a child too (`prepare_child`).
+    `platforms`: the child's JAX_PLATFORMS unless the caller's environment sets it; None
+    leaves jax its own choice (a GPU where there is one)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if platforms is not None:
+        env["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", platforms)
     r = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True,
                        env=env, timeout=timeout)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -176,13 +180,20 @@ def write_random_hf(config: dict, folder: Path, seed: int = 0) -> Path:
     import transformers
 
     torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(config), dtype=torch.float32)
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_config(config: dict):
+    """A transformers config object (4.x or 5.x) from a config.json-like dict."""
+    import transformers
+
     cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[config["model_type"]]
     kw = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x reads rope_theta from rope_parameters
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
-    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**kw), dtype=torch.float32)
-    model.save_pretrained(folder)
-    return folder
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta", 10000.0)}
+    return cfg_cls(**kw)
 
 
 def prepare_child(spec: dict) -> None:

