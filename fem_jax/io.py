@@ -1,7 +1,8 @@
 """Files and folders written so that a killed process never leaves a half-written one under
 its final name, with the modes a plain open()/mkdir() would give, and checked on the way back.
 
-- `atomic_write_bytes` / `_text` / `_jsonl`: a temporary sibling, fsync, then rename.
+- `atomic_write_bytes` / `_text` / `_jsonl`: a temporary sibling (`.NAME.tmp-PID@HOST@XXXXXXXX.tmp`),
+  fsync, then rename; the next write of NAME removes those of dead processes.
 - `atomic_folder` (`tmp_sibling` + `publish`): build a folder under a hidden temporary
   name next to its destination, then rename it into place (replacing an older one).
   Temporary and replaced folders carry the writer's pid and host
@@ -88,7 +89,8 @@ def _chmod_tree(folder: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_siblings(path)  # a writer of `path` killed before its rename left one
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}@{_host()}@", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), file_mode())  # mkstemp made it 0600
@@ -162,8 +164,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_siblings(out: str | os.PathLike) -> list[Path]:
-    """Remove `.NAME.tmp-*` / `.NAME.old-*` folders next to `out` left by dead processes of
-    this host (or of the older form without a host); return what was removed. A folder of
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` folders and files next to `out` left by dead processes
+    of this host (or of the older form without a host); return what was removed. One of
     another host, or of a live pid (possibly reused by an unrelated process), stays."""
     out = Path(out)
     pat = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)(?:@([^@]*)@|-|$)")
@@ -174,7 +176,11 @@ def remove_stale_siblings(out: str | os.PathLike) -> list[Path]:
         m = pat.match(p.name)
         if not m or (m.group(2) is not None and m.group(2) != _host()) or _alive(int(m.group(1))):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
         if not p.exists():
             removed.append(p)
     return removed

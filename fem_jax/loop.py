@@ -416,7 +416,7 @@ class Experiment:
         lost = [k for k in range(c.run.iterations + 1) if k not in {r["round"] for r in rows}]
         if lost:  # a metrics.json deleted before the latest checkpoint's round: never end without it
             raise ValueError(f"{self.folder.metrics_file(lost[0])}: missing, and only the latest checkpoint's "
-                             f"round is recomputed; restore the file or use a new --out")
+                             "round is recomputed; restore the file or use a new --out")
         self._write_reports(rows)
         if self.trackers is not None:
             self.trackers.close()
