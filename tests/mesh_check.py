@@ -74,6 +74,8 @@ def sharding_report(tr: Trainer) -> dict:
     """Specs of parameters and Adam moments, whether they are the table's layout, and the
     shapes of their per-device pieces."""
     want_opt = {k: v for k, v in opt_leaves(tr._opt_shardings(tr.params)).items()}
+    if tr.opt_state is None:  # created lazily by the first step
+        tr.reset_optimizer()
     mom = opt_leaves(tr.opt_state)
     r = {"param_specs": {k: spec_list(v) for k, v in tr.params.items()},
          "opt_specs": {k: spec_list(v) for k, v in mom.items()},
@@ -164,8 +166,7 @@ def main(out: Path) -> None:
         ck.save(1, src.params, src.opt_state)
         like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dst.param_shardings[k])
                 for k, v in dst.params.items()}
-        opt_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                dst.opt_state)
+        opt_like = dst.opt_state_like()
         params, opt_state, _ = Checkpointer(out / "ck").restore(1, like, opt_like)
         same_tree = jax.tree.structure(opt_state) == jax.tree.structure(dst.opt_state)
         src_o = jax.tree.leaves(src.opt_state)
