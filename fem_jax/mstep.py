@@ -208,8 +208,12 @@ def train_step(spec: StepSpec, params, opt_state, batch, ref_params=None):
         acc_g, acc_l, acc_t = acc
         return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_t + metrics["tokens"]), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss, tokens), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+    if next(iter(batch.values())).shape[0] == 1:  # one micro-batch: no accumulator (a parameter-sized buffer)
+        (loss, metrics), grads = grad_fn(spec, params, {k: v[0] for k, v in batch.items()}, num_items, ref_params)
+        tokens = metrics["tokens"]
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, tokens), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
     tx = make_optimizer(spec.cfg)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)

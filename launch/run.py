@@ -187,7 +187,7 @@ def _check_devices(spec: str) -> None:
         make_mesh(spec)
     except ValueError as e:
         hint = ""
-        if jax.default_backend() == "cpu":
+        if jax.default_backend() == "cpu" and ("available" in str(e) or "divisible" in str(e)):  # a device count, not a typo
             hint = (" On a CPU, add --cpu-devices N (or XLA_FLAGS=--xla_force_host_platform_device_count=N) "
                     "for N fake devices.")
         raise UserError(f"{e}.{hint}") from None
