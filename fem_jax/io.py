@@ -300,3 +300,20 @@ def check_files(folder: str | os.PathLike, files: dict[str, dict], manifest: str
         for rel, got in zip(rels, _pool_map(lambda r: sha256_file(folder / r), rels)):
             if got != want[rel][1]:
                 raise error(f"{folder / rel}: sha256 differs from {name} (corrupt)")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on `path` (POSIX flock), held for the block; elsewhere a no-op.
+    The file stays: removing a lock file while another process waits on it would race."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

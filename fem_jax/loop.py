@@ -404,8 +404,9 @@ class Experiment:
                              "ask for at least that many")
         base_done = self.folder.read_metrics(0) is not None
         round_done = done == 0 or self.folder.read_metrics(done) is not None
-        # an earlier round whose metrics.json was deleted (damaged) while its checkpoint is kept
-        redo = [j for j in ckpt.all_steps() if j < done and self.folder.read_metrics(j) is None]
+        # an earlier round whose metrics.json was deleted (damaged) while its checkpoint is kept; a
+        # damaged earlier one is named when the rows are read, after the latest round is complete
+        redo = [j for j in ckpt.all_steps() if j < done and not self.folder.metrics_file(j).exists()]
         _barrier(f"resume-state-{done}-{base_done}-{round_done}-{redo}")  # every process decides from the same state
         self._open_trackers()
         self._current = 0

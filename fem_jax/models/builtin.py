@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_folder, sha256_file
+from ..io import atomic_folder, file_lock, sha256_file
 
 # Bump when the conversion changes what it writes: a cached folder of another version is rebuilt.
 FORMAT_VERSION = 1
@@ -106,7 +106,7 @@ def materialize(name: str, cache: str | os.PathLike | None = None) -> Path:
     if _complete(target):
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with _lock(cache / f".{name}.lock"):
+    with file_lock(cache / f".{name}.lock"):
         if _complete(target):  # another process built it while we waited
             return target
         for stale in cache.glob(f".{name}.tmp-*"):  # left by a killed build; we hold the lock
@@ -133,22 +133,6 @@ def _complete(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return meta.get("format_version") == FORMAT_VERSION and (folder / "model.safetensors").exists()
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive advisory lock (POSIX); elsewhere a no-op."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def fetch_wheel(spec: BuiltinSpec, downloads: str | os.PathLike) -> Path:

@@ -38,7 +38,7 @@ import shutil
 import string
 from pathlib import Path
 
-from ..io import publish, tmp_sibling
+from ..io import file_lock, publish, tmp_sibling
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -250,17 +250,13 @@ def materialize(name: str, cache: str | os.PathLike) -> Path:
     folder = Path(cache) / name
     if name == "tiny-arith-llama":
         if not _arith_complete(folder):
-            from .builtin import _lock
-
             folder.parent.mkdir(parents=True, exist_ok=True)
-            with _lock(folder.parent / f".{name}.lock"):
+            with file_lock(folder.parent / f".{name}.lock"):
                 if not _arith_complete(folder):  # another process may have built it meanwhile
                     build_arith(folder)
     elif not (folder / "config.json").exists():
-        from .builtin import _lock
-
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(folder.parent / f".{name}.lock"):  # several processes may start on a fresh cache
+        with file_lock(folder.parent / f".{name}.lock"):  # several processes may start on a fresh cache
             if not (folder / "config.json").exists():
                 build(folder, family=name.rsplit("-", 1)[1])
     return folder
