@@ -358,21 +358,21 @@ def test_killed_after_each_file_of_each_phase_resumes_to_the_reference(reference
 
 
 def test_killed_at_random_times_resumes_to_the_reference(reference, runner, tmp_path):
-    """Four starts from an empty folder, each killed at a time drawn over one quarter of the
+    """Three starts from an empty folder, each killed at a time drawn over one third of the
     reference's rounds (from its writing config.yaml to its end; a kill before that leaves
     nothing to resume), then the same command to the end. A start may finish before its time
     when the machine got faster: at least two kills must land."""
     rng = random.Random(SEED)
     rounds_s = reference.run.seconds - reference.run.writing_at
     kills = 0
-    for quarter in range(4):
-        out = tmp_path / f"quarter{quarter}"
-        run = runner(out, kill_after=rounds_s * (quarter + rng.random()) / 4)
+    for third in range(3):
+        out = tmp_path / f"third{third}"
+        run = runner(out, kill_after=rounds_s * (third + rng.random()) / 3)
         if run.killed:
             kills += 1
             run = runner(out)
         check_like_reference(run, out, reference, runner)
-    assert kills >= 2, runner.explain(f"only {kills} of 4 random kills landed before their runs ended")
+    assert kills >= 2, runner.explain(f"only {kills} of 3 random kills landed before their runs ended")
 
 
 # ----------------------------------------------------------------------------- damaged bytes
