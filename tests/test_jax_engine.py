@@ -65,6 +65,26 @@ def test_greedy_matches_transformers_token_for_token(pair):
             assert len(s.logprobs) == len(s.token_ids) and all(lp <= 0 for lp in s.logprobs)
 
 
+def test_sampled_logprobs_are_transformers_log_softmax(pair):
+    """Each sampled token's logprob is log_softmax of transformers' logits (the raw, T = 1
+    distribution, as engine.Sample says), at the position that produced it."""
+    hf, model = pair
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(3, 160, size=L).tolist() for L in (4, 11)]
+    engine = JaxEngine(model, IdTokenizer(), chunk=8)
+    outs = engine.generate([" ".join(map(str, p)) for p in prompts], n=2, temperature=0.7, max_new_tokens=10, seed=5)
+    checked = 0
+    for p, o in zip(prompts, outs):
+        for s in o:
+            ids = torch.tensor([p + s.token_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids).logits[0].double(), dim=-1).numpy()
+            want = [logp[len(p) - 1 + i, t] for i, t in enumerate(s.token_ids)]
+            np.testing.assert_allclose(s.logprobs, want, rtol=1e-4, atol=1e-4)
+            checked += len(want)
+    assert checked >= 20
+
+
 def test_greedy_stops_at_eos(pair):
     hf, model = pair
     # find a prompt whose greedy continuation hits some token; make it the EOS
