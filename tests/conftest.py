@@ -1,11 +1,27 @@
 """Shared fixtures: the toy task in the task registry, and a private model cache for the
-tiny random models (tests never touch the user's cache for them)."""
+tiny random models (tests never touch the user's cache for them). Tests marked `slow`
+(end-to-end runs, kill -9 fault injection, two-process runs, the real SmolLM2 weights) run
+with `--slow` (CI and README's test command pass it); plain `pytest` skips them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("FEM_JAX_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,6 +21,7 @@ def _run(*args, timeout=900):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_dry_run_executes_every_code_path(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "gpu.json"

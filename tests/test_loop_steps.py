@@ -159,6 +159,7 @@ def test_a_registered_toy_objective_runs_through_the_cli(tmp_path, monkeypatch):
     assert "objective: toy_rwsft" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_step_loop_killed_between_checkpoints_resumes_to_the_same_metrics(tmp_path, monkeypatch):
     """Checkpoints every 2 steps keep the optimizer state; a failure at step 3 restarts from
     step 2's checkpoint, redoes step 3 (reusing its draws) and ends where an uninterrupted run
