@@ -25,7 +25,6 @@ crash leaves only a hidden `.NAME.tmp-*` folder, never a half model; the next bu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil

@@ -249,14 +249,12 @@ def materialize(name: str, cache: str | os.PathLike) -> Path:
         raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
     folder = Path(cache) / name
     if name == "tiny-arith-llama":
-        if not _arith_complete(folder):
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            with file_lock(folder.parent / f".{name}.lock"):
-                if not _arith_complete(folder):  # another process may have built it meanwhile
-                    build_arith(folder)
-    elif not (folder / "config.json").exists():
+        complete, make = _arith_complete, build_arith
+    else:
+        complete, make = (lambda f: (f / "config.json").exists()), (lambda f: build(f, family=name.rsplit("-", 1)[1]))
+    if not complete(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(folder.parent / f".{name}.lock"):  # several processes may start on a fresh cache
-            if not (folder / "config.json").exists():
-                build(folder, family=name.rsplit("-", 1)[1])
+            if not complete(folder):  # another process may have built it meanwhile
+                make(folder)
     return folder
