@@ -10,12 +10,12 @@ and its RSS before the operation (imports done), so that "over base" is what the
 operation itself cost:
 
 - export_hf -> bfloat16 safetensors (2 GB shards), streamed from TensorStore;
-- verify_export (sizes + sha256 of every file, what VllmEngine does before loading);
+- verify_export (sizes + sha256 of every file, what VllmEngine does before loading one);
 - a non-streaming baseline: restore the whole checkpoint, then models.hf.save_pretrained;
 - import_hf (HF -> orbax; loads the model whole by design).
 
-The bridge's share of an EM iteration (export + vLLM update over the iteration's wall
-time) needs a GPU and vLLM; without them this script says so and reports the CPU part.
+Loading an export into vLLM, against the in-memory sync that needs no export:
+benchmarks/sync.py.
 """
 
 from __future__ import annotations
@@ -144,17 +144,8 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['op']} | {r['seconds']:.2f} | {r['gb']:.3f} | {r['seconds'] / r['gb']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['base_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |")
-    try:
-        import torch
-        import vllm  # noqa: F401
-
-        gpu = torch.cuda.is_available()
-    except ImportError:
-        gpu = False
-    if not gpu:
-        print("\nNo GPU/vLLM here: the bridge's share of an EM iteration (export + VllmEngine.update over "
-              "the iteration's wall time) was not measured.")
-
+    print("\nInto a running vLLM (export + reload against the in-memory sync, SmolLM2-135M): "
+          "python benchmarks/sync.py; each round's share is in its metrics (seconds_sync / seconds_round).")
 
 if __name__ == "__main__":
     main()

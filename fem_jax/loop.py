@@ -50,8 +50,8 @@ from .io import atomic_write_jsonl, atomic_write_text
 Log = Callable[[str], None]
 
 # metrics whose values depend on the machine's speed, not on the run's numbers
-TIMING_KEYS = ("seconds_estep", "seconds_mstep", "seconds_eval", "seconds_sync", "seconds_export", "seconds_round",
-               "tokens_per_second_mstep")
+TIMING_KEYS = ("seconds_estep", "seconds_mstep", "seconds_eval", "seconds_sync", "seconds_export", "seconds_load",
+               "seconds_round", "tokens_per_second_mstep")
 
 
 class Console:
@@ -429,7 +429,7 @@ class Experiment:
                 self.trainer.drop_optimizer()
             self.console(f"resuming {out} after {self._name(done)}")
             if round_done:
-                self.engine.sync(self.weights(done, saved=True))
+                self._sync(done, saved=True)
             else:  # killed between the checkpoint and the metrics
                 self._complete_round(done, meta)
         for k in range(done + 1, c.run.iterations + 1):
@@ -452,7 +452,7 @@ class Experiment:
         row = dict(meta.get("round_metrics") or {})
         if not row:
             raise ValueError(f"{self.out}/checkpoints/{k}: has no metrics of round {k} to complete")
-        row.update(self._sync_row(self.engine.sync(self.weights(k, saved=True))))
+        row.update(self._sync(k, saved=True))
         if self._eval_due(k):
             row.update(self.evaluate(k))
         self._finish_round(k, row)
@@ -494,7 +494,7 @@ class Experiment:
         if c.mstep.reset_optimizer:
             self.trainer.drop_optimizer()  # the next round starts a fresh one: free its memory now
         release_memory()
-        row.update(self._sync_row(self.engine.sync(self.weights(k, saved))))
+        row.update(self._sync(k, saved))
         if self._eval_due(k):
             self.console(f"{self._name(k)}: evaluating on {len(self.test)} test examples")
             row.update(self.evaluate(k))
@@ -502,9 +502,16 @@ class Experiment:
         self._finish_round(k, row)
         return row
 
-    @staticmethod
-    def _sync_row(sync: dict) -> dict:
-        return {k: v for k, v in sync.items() if k.startswith("seconds_")}
+    def _sync(self, k: int, saved: bool) -> dict:
+        """Hand θ(k) to the rollout engine; its report becomes part of the round's metrics
+        (sync_method, seconds_export, seconds_load, seconds_sync) and a fallback a warning."""
+        report = self.engine.sync(self.weights(k, saved))
+        if report.fallback:
+            self.console(f"warning: {self._name(k)}: {report.fallback}")
+        m = report.metrics()
+        export = f", export {m['seconds_export']:.1f} s" if report.method == "folder" else ""
+        self.console(f"{self._name(k)}: weights synced in place ({report.method}) in {m['seconds_sync']:.1f} s{export}")
+        return m
 
     def _finish_round(self, k: int, row: dict) -> None:
         self.folder.write_text(self.folder.metrics_file(k), json.dumps(row) + "\n")

@@ -68,10 +68,11 @@ class UserError(Exception):
 
 
 def _quiet_libraries() -> logging.handlers.MemoryHandler:
-    """Library chatter (absl, orbax, jax, transformers, warnings) goes to the run folder's
+    """Library chatter (absl, orbax, jax, transformers, vLLM, warnings) goes to the run folder's
     log.txt, not the console: held in memory until the folder is known."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's loggers propagate to ours instead of printing
     buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
     root = logging.getLogger()
     for h in list(root.handlers):

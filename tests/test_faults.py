@@ -81,17 +81,24 @@ def _scan(root: Path) -> Snapshot:
 @dataclasses.dataclass(frozen=True)
 class KillPoint:
     """Kill as soon as `pattern` (fnmatch over relative paths) names an entry that was not
-    there, or was another file, when the process started; `also` must exist then too."""
+    there, or was another file, when the process started; `also` must exist then too. With
+    `said`, kill as soon as the run has printed that text instead (a phase that writes no
+    file while it runs: the E-step's generation, an in-memory weight sync)."""
 
-    pattern: str
+    pattern: str = ""
     also: str | None = None
+    said: str = ""
 
-    def hit(self, start: Snapshot, now: Snapshot) -> bool:
+    def hit(self, start: Snapshot, now: Snapshot, stdout: str = "") -> bool:
+        if self.said:
+            return self.said in stdout
         if self.also is not None and self.also not in now:
             return False
         return any(start.get(r) != ino and fnmatch.fnmatchcase(r, self.pattern) for r, ino in now.items())
 
     def __str__(self) -> str:
+        if self.said:
+            return f"printed {self.said!r}"
         return self.pattern + (f" (with {self.also})" if self.also else "")
 
 
@@ -141,7 +148,8 @@ class Runner:
                     if kill_after is not None and writing_at is not None and elapsed - writing_at >= kill_after:
                         killed = f"{elapsed - writing_at:.2f} s into its rounds"
                     elif kill_at:
-                        killed = next((str(point) for point in kill_at if point.hit(start, now)), None)
+                        said = Path(fo.name).read_text() if any(point.said for point in kill_at) else ""
+                        killed = next((str(point) for point in kill_at if point.hit(start, now, said)), None)
                     if killed is None and elapsed > RUN_TIMEOUT_S:
                         killed = "timeout"
                     if killed:
@@ -265,6 +273,36 @@ def reference(runner, tmp_path_factory) -> Reference:
     for r in rows[1:]:  # every round draws, accepts some, trains, and the weights move
         assert 0 < r["accepted"] < r["draws"] and r["trained"] == r["accepted"] and r["optimizer_steps"] > 0
     assert rows[1]["train_loss"] != rows[2]["train_loss"]
+    ref = Reference(out, rows, _shape(out), {f: (out / f).read_bytes() for f in COMPARED}, run)
+    check_like_reference(first, base / "first", ref, runner)
+    return ref
+
+
+VLLM = ("--set", "rollout.backend=vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm_reference(runner, tmp_path_factory) -> Reference:
+    """The same run with vLLM drawing the rollouts (in-memory sync): two uninterrupted runs
+    in two processes end with the same numbers and draws."""
+    try:
+        from fem_jax.rollout.vllm_engine import import_vllm
+
+        import_vllm()
+    except ValueError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true but vLLM cannot be used: {e}")
+        pytest.skip(str(e))
+    base = tmp_path_factory.mktemp("faults_vllm")
+    first = runner(base / "first", *VLLM)
+    run = runner(base / "reference", *VLLM)
+    out = base / "reference"
+    assert first.rc == 0 and run.rc == 0, runner.explain("the uninterrupted vLLM run failed", run)
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == ROUNDS
+    assert all(r["sync_method"] == "memory" for r in rows[1:]), rows
+    for r in rows[1:]:
+        assert 0 < r["accepted"] < r["draws"] and r["optimizer_steps"] > 0
     ref = Reference(out, rows, _shape(out), {f: (out / f).read_bytes() for f in COMPARED}, run)
     check_like_reference(first, base / "first", ref, runner)
     return ref
@@ -472,3 +510,50 @@ def test_damaged_rollouts_are_drawn_again_and_killed_writes_cleaned_up(reference
         assert f"{f}" in run.stdout and f"drawing round {k}'s E-step again" in run.stdout, \
             runner.explain(f"{f}: not reported as redrawn", run)
     check_like_reference(run, out, reference, runner)
+
+
+# ----------------------------------------------------------------------------- with vLLM
+
+
+VLLM_CHAIN_MEMORY = [
+    KillPoint(said="iteration 1/2: E-step on"),               # vLLM generating round 1's draws
+    KillPoint("checkpoints/1/fem_manifest.json"),             # sealed: the in-memory sync comes next
+    KillPoint(said="iteration 2/2: E-step on"),
+    KillPoint("checkpoints/2/fem_manifest.json"),
+]
+VLLM_CHAIN_FOLDER = [
+    KillPoint("iter_1/.hf.tmp*"),                             # writing the export vLLM reloads
+    KillPoint("iter_1/hf"),                                   # exported, vLLM reloading it
+    KillPoint("iter_2/.hf.tmp*"),
+]
+
+
+@pytest.mark.parametrize("sync, points", [("memory", VLLM_CHAIN_MEMORY), ("folder", VLLM_CHAIN_FOLDER)])
+def test_vllm_killed_during_estep_and_sync_resumes_to_the_reference(vllm_reference, runner, tmp_path, sync, points):
+    """rollout.backend=vllm, killed while vLLM draws and while the weights go to it (from
+    memory, or through an export): every restart creates vLLM again, syncs θ(k) and ends with
+    the uninterrupted vLLM run's metrics and draws. (rollout.sync only says how the weights
+    travel: the folder variant ends with the memory reference's numbers, sync_method aside.)"""
+    out = tmp_path / sync
+    extra = (*VLLM, "--set", f"rollout.sync={sync}")
+    remaining, hit = list(points), []
+    while remaining:
+        run = runner(out, *extra, kill_at=remaining)
+        if run.killed is None:
+            break
+        i = [str(p) for p in remaining].index(run.killed)
+        hit.append(remaining[i])
+        remaining = remaining[i + 1:]
+    else:
+        run = runner(out, *extra)
+    assert len(hit) >= len(points) - 1, runner.explain(f"kills landed too late: hit {list(map(str, hit))}")
+    if sync == "memory":
+        check_like_reference(run, out, vllm_reference, runner)
+        return
+    rows = _rows(out)
+    assert [r["sync_method"] for r in rows[1:]] == ["folder", "folder"], rows
+    strip = lambda r: {k: v for k, v in _strip(r).items() if k != "sync_method"}  # noqa: E731
+    assert [strip(r) for r in rows] == [strip(r) for r in vllm_reference.rows], runner.explain(f"{out}: other metrics")
+    for f in COMPARED:
+        assert (out / f).read_bytes() == vllm_reference.files[f], runner.explain(f"{out}/{f}: other draws")
+    assert not _temporary(out), runner.explain(f"{out}: temporary files left: {_temporary(out)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -114,7 +115,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("phase", ["estep", "mstep", "evaluate", "save", "after_save"])
+@pytest.mark.parametrize("phase", ["estep", "mstep", "_sync", "evaluate", "save", "after_save"])
 def test_resume_after_a_failure_in_each_phase(reference, tmp_path, phase):
     _, ref_rows = reference
     out = tmp_path / "run"
@@ -165,36 +166,33 @@ class _Out:
 
 
 class FakeLLM:
-    """vllm.LLM as VllmEngine uses it; generate() reports the weights of the folder it serves."""
+    """vllm.LLM as VllmEngine uses it; generate() reports the embedding it serves, which only
+    its in-place reload (reload_weights, from an iterator or a worker-side callable) changes."""
 
     seen: list = []
 
-    def __init__(self, folder):
-        self.folder = str(folder)
-
-    def _weights(self):
+    def __init__(self, model, tokenizer=None, **kw):
         from safetensors.numpy import load_file
 
-        files = sorted(Path(self.folder).glob("*.safetensors"))
-        return _fingerprint(load_file(files[0])["model.embed_tokens.weight"])
+        self.embed = _fingerprint(load_file(str(Path(model) / "model.safetensors"))["model.embed_tokens.weight"])
+        self.reload_weights = self._reload
+
+    def _reload(self, weights_iterator, is_checkpoint_format=True):
+        for name, t in weights_iterator:
+            if name == "model.embed_tokens.weight":
+                self.embed = _fingerprint(np.asarray(t))
 
     def generate(self, prompts, params, use_tqdm=False):
-        FakeLLM.seen.append(("eval" if params.temperature == 0 else "estep", self._weights()))
-        n = params.n
-        return [types.SimpleNamespace(outputs=[_Out("ab" if (i + j) % 2 else "abc", [5, 6]) for j in range(n)])
-                for i, _ in enumerate(prompts)]
+        FakeLLM.seen.append(("eval" if params[0].temperature == 0 else "estep", self.embed))
+        return [types.SimpleNamespace(outputs=[_Out("ab" if (i + j) % 2 else "abc", [5, 6]) for j in range(p.n)])
+                for i, p in enumerate(params)]
 
-    def collective_rpc(self, name, args=()):
-        assert name == "fem_load_folder"
-        self.folder = args[0]
+    def collective_rpc(self, method, args=(), kwargs=None):
+        if callable(method):
+            return [method(self, *args, **(kwargs or {}))]
+        return [getattr(self, method)(*args, **(kwargs or {}))]
 
     def reset_prefix_cache(self):
-        pass
-
-    def sleep(self, level=1):
-        pass
-
-    def wake_up(self, tags=None):
         pass
 
 
@@ -209,8 +207,8 @@ def _recording_jax_engine(seen):
     return Recording
 
 
-@pytest.mark.parametrize("backend", ["jax", "vllm"])
-def test_each_evaluation_sees_the_new_weights_and_each_estep_the_previous(backend, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend, sync", [("jax", "auto"), ("vllm", "memory"), ("vllm", "folder")])
+def test_each_evaluation_sees_the_new_weights_and_each_estep_the_previous(backend, sync, tmp_path, monkeypatch):
     from fem_jax import rollout
     from fem_jax.checkpoint import Checkpointer
 
@@ -225,11 +223,22 @@ def test_each_evaluation_sees_the_new_weights_and_each_estep_the_previous(backen
         FakeLLM.seen = seen
         fake_vllm = types.ModuleType("vllm")
         fake_vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+        fake_vllm.LLM = FakeLLM
+        fake_platforms = types.ModuleType("vllm.platforms")
+        fake_platforms.current_platform = types.SimpleNamespace(device_type="cpu")
         monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
-        monkeypatch.setattr(vllm_engine.VllmEngine, "_create", lambda self, folder: FakeLLM(folder))
+        monkeypatch.setitem(sys.modules, "vllm.platforms", fake_platforms)
+        monkeypatch.setattr(vllm_engine, "import_vllm", lambda: fake_vllm)
+        monkeypatch.setattr(vllm_engine, "_worker_pid", lambda worker: os.getpid())
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = tmp_path / "run"
-    loop_lib.run(_cfg(f"rollout.backend={backend}", "estep.scheme=pps", "run.iterations=3", "run.keep_checkpoints=3"),
-                 out, log=lambda s: None)
+    logs = []
+    loop_lib.run(_cfg(f"rollout.backend={backend}", f"rollout.sync={sync}", "estep.scheme=pps", "run.iterations=3",
+                      "run.keep_checkpoints=3"), out, log=logs.append)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    method = "folder" if sync == "folder" else "memory"
+    assert [r.get("sync_method") for r in rows] == [None, method, method, method]
+    assert sum(f"weights synced in place ({method})" in line for line in logs) == 3
     from fem_jax.models import from_pretrained, resolve
 
     theta = {0: _fingerprint(from_pretrained(resolve("tiny-random-llama")).param_dict()["embed"])}

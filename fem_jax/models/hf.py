@@ -349,6 +349,25 @@ def hf_tensors(cfg: ModelConfig, read: Callable[[str, tuple], np.ndarray], dt: n
     return out
 
 
+def hf_views(params: dict[str, Any], cfg: ModelConfig, host: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
+    """(Hugging Face name, tensor) for every tensor of the model without writing a file:
+    the unstacked tensors, then layer by layer (a reader that processes a layer once all its
+    tensors arrived, as vLLM's reload does, holds one layer at a time). `host(array)` turns
+    each of our parameters into a host-side array once (a zero-copy view where the platform
+    allows, e.g. torch.from_dlpack), and each tensor is a view of it in Hugging Face's
+    layout (to_hf works on numpy and torch alike). No dtype cast happens here: the reader
+    casts while it copies."""
+    table = _table_for(cfg)
+    stacked = [(name, ours, layout) for name, ours, layout in table if "{i}" in name]
+    for name, ours, layout in table:
+        if "{i}" not in name:
+            yield name, to_hf(host(params[ours]), layout)
+    whole = {ours: host(params[ours]) for _, ours, _ in stacked}
+    for i in range(cfg.num_hidden_layers):
+        for name, ours, layout in stacked:
+            yield name.format(i=i), to_hf(whole[ours][i], layout)
+
+
 def _write_file(file: Path, tensors: list[HFTensor], dtype: str) -> dict:
     """One safetensors file, written block by block; {"bytes", "sha256"} of it."""
     dt = np_dtype(dtype)

@@ -77,8 +77,11 @@ def _config(tok, family: str):
     from .transformer import ModelConfig
 
     return ModelConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+        # head_dim 32, the least that vLLM's CPU attention takes (32, 64, 80, ...), and
+        # hidden_size = heads x head_dim, as vLLM's Qwen2 assumes: the tiny models run on both
+        # engines; 4 query heads over 2 key/value heads keep GQA and --mesh tensor=2
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
         max_position_embeddings=1024, tie_word_embeddings=family == "qwen2", qkv_bias=family == "qwen2",
         model_type=family, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id)
@@ -97,7 +100,10 @@ def build(folder: str | os.PathLike, family: str = "llama", seed: int = 0) -> Pa
     try:
         tok = _tokenizer(tmp)
         model = Transformer(_config(tok, family), dtype=jnp.float32, rngs=nnx.Rngs(seed), init_std=0.1)
-        save_pretrained(model, folder, tokenizer_from=tmp)
+        save_pretrained(model, tmp / "model", tokenizer_from=tmp)
+        (tmp / "model" / MARKER).write_text(json.dumps({"name": f"tiny-random-{family}", "version": RANDOM_VERSION,
+                                                         "seed": seed}) + "\n")
+        publish(tmp / "model", folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -105,7 +111,8 @@ def build(folder: str | os.PathLike, family: str = "llama", seed: int = 0) -> Pa
 
 # ----------------------------------------------------------------------------- tiny-arith-llama
 
-ARITH_VERSION = 1  # bump when the code changes what a build writes (a recipe change is seen by itself)
+ARITH_VERSION = 2  # bump when the code changes what a build writes (a recipe change is seen by itself)
+RANDOM_VERSION = 2  # likewise for the random models (2: head_dim 16 -> 32, hidden 64 -> 128)
 MARKER = "fem_jax_tiny.json"
 
 
@@ -236,6 +243,13 @@ def _arith_complete(folder: Path) -> bool:
             and (folder / "model.safetensors").exists())
 
 
+def _random_complete(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MARKER).read_text()).get("version") == RANDOM_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def _recipe_json(recipe: ArithRecipe) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(recipe)))
 
@@ -251,7 +265,7 @@ def materialize(name: str, cache: str | os.PathLike) -> Path:
     if name == "tiny-arith-llama":
         complete, make = _arith_complete, build_arith
     else:
-        complete, make = (lambda f: (f / "config.json").exists()), (lambda f: build(f, family=name.rsplit("-", 1)[1]))
+        complete, make = _random_complete, (lambda f: build(f, family=name.rsplit("-", 1)[1]))
     if not complete(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(folder.parent / f".{name}.lock"):  # several processes may start on a fresh cache

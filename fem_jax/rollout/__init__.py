@@ -1,4 +1,4 @@
-"""Rollout engines: JaxEngine in process (CPU, tests), VllmEngine on GPUs (imported lazily).
+"""Rollout engines: JaxEngine in process, VllmEngine over vLLM (CUDA or CPU; imported lazily).
 
 `make_engine(backend, ...)` is the one place that knows the backends' names: the loop
 builds its engine here and talks to it only through the Engine protocol (`generate`,
@@ -6,7 +6,7 @@ builds its engine here and talks to it only through the Engine protocol (`genera
 
 from __future__ import annotations
 
-from .engine import Engine, Sample, SamplingParams, Weights, render_prompt
+from .engine import Engine, Sample, SamplingParams, SyncReport, Weights, render_prompt
 
 BACKENDS = ("jax", "vllm")
 
@@ -20,8 +20,10 @@ def make_engine(backend: str, *, model, tokenizer, model_dir, rollout_cfg, dtype
     if backend == "vllm":
         from .vllm_engine import VllmEngine
 
-        return VllmEngine(str(model_dir), tokenizer, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-                          gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, dtype=dtype, seed=seed,
+        r = rollout_cfg
+        return VllmEngine(str(model_dir), tokenizer, tensor_parallel_size=r.tensor_parallel_size,
+                          gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                          max_model_len=r.max_model_len or None, sync=r.sync, dtype=dtype, seed=seed,
                           verify=False)
     raise ValueError(f"rollout.backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
@@ -38,5 +40,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["BACKENDS", "Engine", "JaxEngine", "Sample", "SamplingParams", "VllmEngine", "Weights", "make_engine",
-           "render_prompt"]
+__all__ = ["BACKENDS", "Engine", "JaxEngine", "Sample", "SamplingParams", "SyncReport", "VllmEngine", "Weights",
+           "make_engine", "render_prompt"]

@@ -1,4 +1,5 @@
-"""The rollout Engine protocol shared by JaxEngine (CPU, tests) and VllmEngine (GPUs)."""
+"""The rollout Engine protocol shared by JaxEngine (in process, any JAX device) and
+VllmEngine (vLLM on CUDA GPUs or on a CPU)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,23 @@ class Weights:
     tokenizer_from: Path | None
 
 
+@dataclasses.dataclass(frozen=True)
+class SyncReport:
+    """How one `Engine.sync` reached the engine, for the round's metrics and the log."""
+
+    method: str  # "memory": from the trainer's arrays; "folder": through a Hugging Face export
+    seconds_export: float = 0.0  # writing the export (0 in memory)
+    seconds_load: float = 0.0  # loading into the engine
+    fallback: str = ""  # why the engine's preferred method was not used (printed as a warning)
+
+    def metrics(self) -> dict:
+        row = {"sync_method": self.method, "seconds_export": self.seconds_export, "seconds_load": self.seconds_load,
+               "seconds_sync": self.seconds_export + self.seconds_load}
+        if self.fallback:
+            row["sync_fallback"] = self.fallback
+        return row
+
+
 class Engine(Protocol):
     def generate(self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, stop: Sequence[str] = (),
@@ -63,9 +81,9 @@ class Engine(Protocol):
         as samples finish, with the number finished since the last call."""
         ...
 
-    def sync(self, weights: Weights) -> dict:
-        """Serve `weights` from now on; the engine decides how (JaxEngine: in memory;
-        VllmEngine: export to a Hugging Face folder and reload). Returns timings."""
+    def sync(self, weights: Weights) -> SyncReport:
+        """Serve `weights` from now on, in place; the engine decides how (JaxEngine: its own
+        copy of the arrays; VllmEngine: vLLM's reload, from memory or from an export)."""
         ...
 
     def release(self) -> None:

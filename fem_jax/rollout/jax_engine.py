@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models.transformer import forward, init_cache, lm_logits, unstack_layers
-from .engine import Prompt, Sample, SamplingParams, encode_prompt
+from .engine import Prompt, Sample, SamplingParams, SyncReport, encode_prompt
 
 
 def _bucket(x: int, minimum: int) -> int:
@@ -240,13 +240,14 @@ class JaxEngine:
                                  f"to {new[k].shape}/{new[k].dtype}")
         self._layer_params = _unstack(new)
 
-    def sync(self, weights) -> dict:
+    def sync(self, weights) -> SyncReport:
         """The Engine protocol: serve the trainer's weights, copied in memory (no recompile)."""
         import time
 
         t = time.perf_counter()
         self.update(weights.params)
-        return {"seconds_sync": time.perf_counter() - t, "how": "in_memory"}
+        jax.block_until_ready(self._layer_params)
+        return SyncReport("memory", seconds_load=time.perf_counter() - t)
 
     def release(self) -> None:
         """Drop the engine's weight copy until the next sync (frees memory during the M-step)."""
