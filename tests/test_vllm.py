@@ -19,6 +19,7 @@ it recorded for round k+1's draws are θ(k)'s under our forward pass.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ import pytest
 
 from fem_jax.checkpoint import ExportError, export_hf, import_hf
 from fem_jax.rollout.engine import SamplingParams, encode_prompt
-from fem_jax.rollout.vllm_engine import (VllmEngine, _broken_companion, _with_tied_head, engine_args, import_vllm,
-                                         request_seed, sampling_kwargs, to_samples, token_prompts)
+from fem_jax.rollout.vllm_engine import (FemWorkerExtension, VllmEngine, _broken_companion, _with_tied_head,
+                                         engine_args, import_vllm, request_seed, sampling_kwargs, to_samples,
+                                         token_prompts)
 from hf_models import build_hf, save_hf, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +157,9 @@ def test_engine_args_per_platform():
     assert cuda["enable_sleep_mode"] and cuda["gpu_memory_utilization"] == 0.4 and cuda["max_model_len"] == 2048
     assert "kv_cache_memory_bytes" not in cuda and "enforce_eager" not in cuda
     assert engine_args("cuda", kv_cache_gb=2, **common)["kv_cache_memory_bytes"] == 2 * 2**30
+    # workers in other processes find the extension by name (vLLM imports it there)
+    module, _, name = cpu["worker_extension_cls"].rpartition(".")
+    assert getattr(importlib.import_module(module), name) is FemWorkerExtension
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -191,9 +196,10 @@ def test_in_memory_stream_is_the_export(family, tmp_path):
         assert tied[tied.index("model.embed_tokens.weight") + 1] == "lm_head.weight"
 
 
-class _FailingLLM:
+class _FailingLLM(FemWorkerExtension):
     """vllm.LLM's reload as VllmEngine calls it: from memory (reload_weights by name) failing
-    at tensor `memory_fails_at`, from a folder (a worker-side callable) at `folder_fails_at`."""
+    at tensor `memory_fails_at`, from a folder (the worker extension's reader) at
+    `folder_fails_at`."""
 
     def __init__(self, memory_fails_at: str | None = None, folder_fails_at: str | None = None):
         self.memory_fails_at, self.folder_fails_at, self.fail_at = memory_fails_at, folder_fails_at, None
@@ -204,9 +210,8 @@ class _FailingLLM:
                 raise RuntimeError(f"Attempted to load weight into parameter {name}")
 
     def collective_rpc(self, method, args=(), kwargs=None):
-        self.fail_at = self.folder_fails_at if callable(method) else self.memory_fails_at
-        if callable(method):
-            return [method(self, *args, **(kwargs or {}))]
+        assert isinstance(method, str), "a callable cannot cross to a worker process"
+        self.fail_at = self.folder_fails_at if method == "fem_reload_folder" else self.memory_fails_at
         return [getattr(self, method)(*args, **(kwargs or {}))]
 
 

@@ -137,7 +137,8 @@ def engine_args(platform: str, *, dtype: str, seed: int, tensor_parallel_size: i
     """vllm.LLM's keyword arguments on `platform` ("cuda", "cpu", ...): see the module's
     docstring for why each platform gets what it gets."""
     kw: dict[str, Any] = dict(dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
-                              enable_prefix_caching=prefix_caching, use_tqdm_on_load=False)
+                              enable_prefix_caching=prefix_caching, use_tqdm_on_load=False,
+                              worker_extension_cls=WORKER_EXTENSION)
     if max_model_len:
         kw["max_model_len"] = int(max_model_len)
     if kv_cache_gb > 0:
@@ -235,7 +236,7 @@ class VllmEngine:
         memory_possible = tensor_parallel_size == 1 and jax.process_count() == 1
         if sync == "memory" and not memory_possible:
             raise ValueError("rollout.sync=memory needs one process holding the trainer and vLLM's only worker "
-                             f"(rollout.tensor_parallel_size=1, one JAX process); use auto or folder")
+                             "(rollout.tensor_parallel_size=1, one JAX process); use auto or folder")
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
@@ -257,7 +258,7 @@ class VllmEngine:
         self.sleeping = 0  # 0 awake, else the sleep level
 
     def _worker_pids(self) -> list[int]:
-        return list(self.llm.collective_rpc(_worker_pid))
+        return list(self.llm.collective_rpc("fem_pid"))
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -359,7 +360,7 @@ class VllmEngine:
             check_export(folder)
         tied = bool(json.loads((folder / "config.json").read_text()).get("tie_word_embeddings"))
         try:
-            self.llm.collective_rpc(_reload_folder, args=(str(folder), tied))
+            self.llm.collective_rpc("fem_reload_folder", args=(str(folder), tied))
         except Exception as e:  # noqa: BLE001
             raise SyncError(f"vLLM could not load {folder}: {type(e).__name__}: {e}") from e
 
@@ -424,18 +425,26 @@ def iter_safetensors(folder: str | os.PathLike, where: dict | None = None) -> It
                 yield name, st.get_tensor(name)
 
 
-def _reload_folder(worker, folder: str, tied: bool) -> None:
-    """Run on each vLLM worker by collective_rpc: vLLM's in-place reload fed the folder's
-    tensors (and the tied head). An error names the file and tensor."""
-    where: dict[str, Any] = {}
-    stream = _tracked(_with_tied_head(iter_safetensors(folder, where), tied), where)
-    try:
-        worker.reload_weights(weights_iterator=stream, is_checkpoint_format=True)
-    except Exception as e:
-        raise RuntimeError(f"{Path(folder) / str(where.get('file'))}: tensor {where.get('name')}: "
-                           f"{type(e).__name__}: {e}") from e
+class FemWorkerExtension:
+    """Mixed into every vLLM worker (vLLM's `worker_extension_cls`, named by its qualified
+    name so that it reaches workers in other processes too); collective_rpc calls its
+    methods by name, which any vLLM transport can carry (a function object needs pickling,
+    which vLLM refuses across processes by default)."""
+
+    def fem_reload_folder(self, folder: str, tied: bool) -> None:
+        """vLLM's in-place reload fed the folder's tensors (and the tied head). An error
+        names the file and tensor."""
+        where: dict[str, Any] = {}
+        stream = _tracked(_with_tied_head(iter_safetensors(folder, where), tied), where)
+        try:
+            self.reload_weights(weights_iterator=stream, is_checkpoint_format=True)
+        except Exception as e:
+            raise RuntimeError(f"{Path(folder) / str(where.get('file'))}: tensor {where.get('name')}: "
+                               f"{type(e).__name__}: {e}") from e
+
+    def fem_pid(self) -> int:
+        """The process this worker lives in."""
+        return os.getpid()
 
 
-def _worker_pid(worker) -> int:
-    """Run on each vLLM worker by collective_rpc: the process it lives in."""
-    return os.getpid()
+WORKER_EXTENSION = f"{__name__}.{FemWorkerExtension.__qualname__}"
