@@ -374,3 +374,25 @@ def test_smollm2_our_flax_model_matches_transformers(smollm2):
     b = _logits(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), ids)
     rel = _rel_diff(a, b)
     assert rel <= 1e-4, f"max|diff|/max|logit| = {rel:.3g}"
+
+
+def test_a_hub_id_resolves_through_the_hub_cache(tmp_path, monkeypatch):
+    """org/name: huggingface_hub's snapshot (here a cache laid out as the hub writes it, used
+    offline); not in the cache and offline: one line naming the model and what to do."""
+    from fem_jax.models import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"model 'acme/tiny-7b': not a local folder.*huggingface-cli download acme/tiny-7b"):
+        resolve("acme/tiny-7b")
+    repo = tmp_path / "hub" / "models--acme--tiny-7b"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert resolve("acme/tiny-7b") == snap

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,8 +91,28 @@ def resolve(name_or_path: str | os.PathLike, cache: str | os.PathLike | None = N
 
     if name in tiny.TINY:
         return tiny.materialize(name, Path(cache) if cache else cache_dir())
-    raise ValueError(f"model {name!r}: neither a local folder nor a builtin model name; "
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return from_hub(name)
+    raise ValueError(f"model {name!r}: neither a local folder, a hub id (org/name) nor a builtin model name; "
                      f"builtin names: {', '.join(_known_names())}")
+
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer*", "special_tokens_map.json", "chat_template.*", "vocab.json", "merges.txt"]
+
+
+def from_hub(repo_id: str) -> Path:
+    """The local folder of a Hugging Face hub model (the paper configs' Qwen/Qwen2.5-1.5B,
+    meta-llama/...): huggingface_hub's snapshot in its own cache (HF_HOME), downloaded once
+    (weights, config and tokenizer files only); HF_HUB_OFFLINE=1 uses the cache alone."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001  offline, gated, unknown id: one line naming the model
+        raise ValueError(f"model {repo_id!r}: not a local folder, and getting it from the Hugging Face hub failed "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); download it first "
+                         f"(huggingface-cli download {repo_id}) or set model.path to its folder") from None
 
 
 def materialize(name: str, cache: str | os.PathLike | None = None) -> Path:
