@@ -294,6 +294,8 @@ def _coerce(value: Any, tp, key: str, source: str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() not in ("none", "[]") else []
         if isinstance(value, (list, tuple)):
             return tuple(_parse_scalar(v) if isinstance(v, str) else v for v in value)
+        if isinstance(value, (int, float)):  # --set compare.seeds=1: YAML read a list of one as its item
+            return (value,)
     raise ValueError(f"{source}: {key}={value!r} is not a valid {getattr(tp, '__name__', tp)}")
 
 
