@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     import jax
     import jax.monitoring
 
-    from fem_jax import checkpoint, loop
+    from fem_jax import checkpoint, experiment, loop
     from fem_jax.config import load_config
     from fem_jax.models import cache_dir
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     phases.wrap(loop.Experiment, "mstep", lambda self, k, *_: f"{name(self, k)}: M-step")
     phases.wrap(loop.Experiment, "_write_reports", "reports (metrics.jsonl, summary, plots)")
     phases.wrap(checkpoint.Checkpointer, "save", lambda self, k, *_: f"iteration {k}: checkpoint")
-    phases.wrap(loop, "release_memory", "release freed memory to the OS (malloc_trim)")
+    phases.wrap(experiment, "release_memory", "release freed memory to the OS (malloc_trim)")
     orig_round = loop.Experiment.round
 
     def round_with_sync(self, k, ckpt):

@@ -116,6 +116,27 @@ def _leaked(task, text: str, hint: str, gold) -> bool:
     return bool(task.hint_leaked(text))
 
 
+def draw_metrics(draws: Sequence[Draw]) -> dict:
+    """A round's E-step numbers from its draws: data utilization (the FEM paper's: the share of
+    examples with an accepted draw), acceptance per draw, mean reward, counts, the trained
+    rationales' length in words (as fem_jax.evaluate.words counts them) and the draws' length in tokens."""
+    import numpy as np
+
+    accepted = [d for d in draws if d.accepted]
+    trained = [d for d in draws if d.trained]
+    n_examples = len({d.example_id for d in draws}) or 1
+    return {
+        "data_utilization": len({d.example_id for d in accepted}) / n_examples,
+        "acceptance_rate": len(accepted) / max(1, len(draws)),
+        "reward_mean": float(np.mean([d.reward for d in draws])) if draws else None,
+        "draws": len(draws), "accepted": len(accepted), "trained": len(trained),
+        "hint_leaks": sum(d.leaked for d in draws),
+        "reasoning_length_trained": float(np.mean([len(d.completion.split()) for d in trained])) if trained else None,
+        "response_length": float(np.mean([len(d.token_ids) for d in draws])) if draws else None,
+        "tokens_estep": sum(len(d.token_ids) for d in draws),
+    }
+
+
 # ----------------------------------------------------------------------------- rollouts.jsonl
 
 _TRAILER = "_rollouts"

@@ -389,3 +389,20 @@ def make_trackers(report_to: Sequence[str] | str | None, run_dir: str | os.PathL
             t.close()
         raise
     return Trackers(opened, ledger)
+
+
+def round_scalars(row: dict) -> dict[str, float]:
+    """A round's metrics row as tracker scalars grouped by phase (estep/, mstep/, sync/, eval/,
+    round/); text fields (sync_method, a fallback's reason) are left out."""
+    phase = {"data_utilization": "estep", "acceptance_rate": "estep", "reward_mean": "estep", "draws": "estep",
+             "accepted": "estep", "trained": "estep", "hint_leaks": "estep", "reasoning_length_trained": "estep",
+             "response_length": "estep", "tokens_estep": "estep", "seconds_estep": "estep",
+             "train_loss": "mstep", "grad_norm": "mstep", "lr": "mstep", "optimizer_steps": "mstep",
+             "tokens_mstep": "mstep", "seconds_mstep": "mstep", "sequences_truncated": "mstep",
+             "seconds_export": "sync", "seconds_load": "sync", "seconds_sync": "sync"}
+    out = {"em/round": float(row["round"])}
+    for key, v in row.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or key in ("round", "iteration", "step"):
+            continue
+        out[f"{phase.get(key, 'eval' if 'test' in key or '@' in key or key.endswith('_eval') else 'round')}/{key}"] = v
+    return out

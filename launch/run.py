@@ -27,8 +27,6 @@ and id from the flags or the cluster's environment (SLURM, Open MPI).
 from __future__ import annotations
 
 import argparse
-import logging
-import logging.handlers
 import os
 import sys
 import traceback
@@ -67,53 +65,11 @@ class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
-def _quiet_libraries() -> logging.handlers.MemoryHandler:
-    """Library chatter (absl, orbax, jax, transformers, vLLM, warnings) goes to the run folder's
-    log.txt, not the console: held in memory until the folder is known."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's loggers propagate to ours instead of printing
-    buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(buffer)
-    root.setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    return buffer
-
-
-def _route_library_logs(buffer: logging.handlers.MemoryHandler, out: Path, is_main: bool) -> None:
-    try:
-        import absl.logging
-
-        logging.getLogger().removeHandler(absl.logging.get_absl_handler())
-        absl.logging.get_absl_handler().setLevel(logging.CRITICAL + 1)
-    except ImportError:
-        pass
-    try:
-        import transformers.utils.logging as tlog
-
-        tlog.disable_default_handler()
-        tlog.enable_propagation()
-    except ImportError:
-        pass
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(out / "log.txt")
-    else:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    buffer.setTarget(handler)
-    buffer.flush()
-    root = logging.getLogger()
-    root.removeHandler(buffer)
-    root.addHandler(handler)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    buffer = _quiet_libraries()
+    from fem_jax.console import quiet_libraries
+
+    buffer = quiet_libraries()
     if args.cpu_devices:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
@@ -142,7 +98,9 @@ def _main(args, buffer) -> int:
     import jax
 
     from fem_jax import config as config_lib
-    from fem_jax.loop import Console, default_out, run, run_comparison
+    from fem_jax.console import Console, route_library_logs
+    from fem_jax.loop import run, run_comparison
+    from fem_jax.run_folder import default_out
     from fem_jax.models import cache_dir
 
     # compiled steps persist across processes: a resumed or repeated run skips recompiling
@@ -162,7 +120,7 @@ def _main(args, buffer) -> int:
     cfg = config_lib.load_config(config_path, overrides)
     out = Path(args.out) if args.out else default_out(config_path, config_lib.override_dict(overrides))
     is_main = jax.process_index() == 0
-    _route_library_logs(buffer, out, is_main)
+    route_library_logs(buffer, out, is_main)
     if cfg.run.mesh:
         _check_devices(cfg.run.mesh)
     console = Console()

@@ -6,9 +6,7 @@ it, and a start that fails without touching the run folder."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -19,7 +17,9 @@ import numpy as np
 import pytest
 
 from fem_jax import loop as loop_lib
+from fem_jax import run_folder
 from fem_jax.config import load_config
+from fem_jax.rollout.vllm_engine import FemWorkerExtension
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,9 +165,10 @@ class _Out:
         self.text, self.token_ids, self.finish_reason, self.logprobs = text, ids, "stop", None
 
 
-class FakeLLM:
-    """vllm.LLM as VllmEngine uses it; generate() reports the embedding it serves, which only
-    its in-place reload (reload_weights, from an iterator or a worker-side callable) changes."""
+class FakeLLM(FemWorkerExtension):
+    """vllm.LLM as VllmEngine uses it, worker and its extension in one; generate() reports
+    the embedding it serves, which only its in-place reload (reload_weights, from an iterator
+    or the extension's folder reader) changes."""
 
     seen: list = []
 
@@ -188,8 +189,7 @@ class FakeLLM:
                 for i, p in enumerate(params)]
 
     def collective_rpc(self, method, args=(), kwargs=None):
-        if callable(method):
-            return [method(self, *args, **(kwargs or {}))]
+        assert isinstance(method, str), "a callable cannot cross to a worker process"
         return [getattr(self, method)(*args, **(kwargs or {}))]
 
     def reset_prefix_cache(self):
@@ -229,7 +229,6 @@ def test_each_evaluation_sees_the_new_weights_and_each_estep_the_previous(backen
         monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
         monkeypatch.setitem(sys.modules, "vllm.platforms", fake_platforms)
         monkeypatch.setattr(vllm_engine, "import_vllm", lambda: fake_vllm)
-        monkeypatch.setattr(vllm_engine, "_worker_pid", lambda worker: os.getpid())
         monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = tmp_path / "run"
     logs = []
@@ -288,11 +287,11 @@ def test_a_failed_start_leaves_the_run_folder_alone(tmp_path):
 
 def test_default_run_folder_names_only_the_changes_that_make_another_experiment():
     stem = Path("configs/default.yaml")
-    assert loop_lib.default_out(stem, {}) == Path("runs/default")
-    assert loop_lib.default_out(stem, {"estep.scheme": "star", "mstep.lr_start": 1e-5}) == \
+    assert run_folder.default_out(stem, {}) == Path("runs/default")
+    assert run_folder.default_out(stem, {"estep.scheme": "star", "mstep.lr_start": 1e-5}) == \
         Path("runs/default+scheme=star+lr_start=1e-05")
-    assert loop_lib.default_out(stem, {"run.iterations": 5, "run.report_to": ["tensorboard"]}) == Path("runs/default")
-    long = loop_lib.default_out(stem, {f"task.options.x{i}": "y" * 20 for i in range(5)})
+    assert run_folder.default_out(stem, {"run.iterations": 5, "run.report_to": ["tensorboard"]}) == Path("runs/default")
+    long = run_folder.default_out(stem, {f"task.options.x{i}": "y" * 20 for i in range(5)})
     assert len(long.name) <= 80
 
 

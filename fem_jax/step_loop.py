@@ -1,0 +1,35 @@
+"""EMPG's and GRPO's rounds: the steps of Algorithm 1 of "Training LLMs to Reason via EM
+Policy Gradient" (one-step off-policy: step t samples from θ(t-1) only).
+
+Step t: the E-step draws `estep.samples_per_prompt` rollouts (N) for each of a batch of
+`estep.prompts_per_step` prompts, taken without replacement from a seeded shuffle of the
+training set and reshuffled each epoch; the M-step makes the configured optimizer updates on
+that buffer only (the objective's spec: advantages, ratios, KL), and step t+1 draws a new
+batch. Evaluation every `eval.every` steps (the paper: 5), the table's score the mean of the
+last 10 evaluations (fem_jax.report). The rest of a round is fem_jax.experiment.Experiment's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .experiment import Experiment
+
+
+class PolicySteps(Experiment):
+    prefix = "step"
+    noun = "step"
+
+    def round_examples(self, k: int) -> list:
+        """The k-th batch of `prompts_per_step` prompts from a seeded shuffle of the training
+        set, a new shuffle each epoch (positions (k-1)B .. kB-1 of the epochs laid end to end)."""
+        b, n = self.cfg.estep.prompts_per_step, len(self.train)
+        out = []
+        for pos in range((k - 1) * b, k * b):
+            epoch, i = divmod(pos, n)
+            order = np.random.default_rng([self.cfg.run.seed, 7919, epoch]).permutation(n)
+            out.append(self.train[order[i]])
+        return out
+
+    def title(self) -> str:
+        return self.cfg.mstep.objective
