@@ -46,6 +46,7 @@ class Draw:
     leaked: bool
     accepted: bool
     trained: bool
+    prompt: int = -1  # the prompt row of the round it answers (its draw batch); -1: written before we kept it
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -55,11 +56,16 @@ class Draw:
 
     @classmethod
     def from_json(cls, row: dict, where: str) -> "Draw":
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in row]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in row and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"{where}: a draw lacks field(s) {', '.join(missing)}")
-        return cls(**{n: row[n] for n in names})
+        return cls(**{f.name: row[f.name] for f in fields if f.name in row})
+
+    @property
+    def batch(self) -> str:
+        """Its draw batch: the prompt row it answers (a prompt twice in a round is two batches)."""
+        return f"#{self.prompt}" if self.prompt >= 0 else self.example_id
 
 
 def plan(scheme: str, budget: int) -> list[str | None]:
@@ -84,15 +90,15 @@ def run_estep(task, engine: Engine, examples: Sequence, *, scheme: str, budget: 
     `trains(accepted, has_completion)` is the objective's rule (Objective.trains).
     `progress(n)` is called with the number of samples finished since the last call."""
     draws: list[Draw] = []
-    solved: set[str] = set()
+    solved: set[int] = set()  # prompt rows with an accepted draw
     for r, hint in enumerate(plan(scheme, budget)):
-        todo = [ex for ex in examples if ex.id not in solved]
+        todo = [(row, ex) for row, ex in enumerate(examples) if row not in solved]
         if not todo:
             break
-        prompts = [task.messages(ex, hint=hint) for ex in todo]
+        prompts = [task.messages(ex, hint=hint) for _, ex in todo]
         outs = engine.generate(prompts, n=samples_per_prompt, temperature=temperature, top_p=top_p, top_k=top_k,
                                max_new_tokens=max_new_tokens, seed=seed * 1000 + r, progress=progress)
-        for ex, samples in zip(todo, outs):
+        for (row, ex), samples in zip(todo, outs):
             for s in samples:
                 answer = task.parse(s.text)
                 reward = float(task.reward(answer, ex.gold)) if answer is not None else 0.0
@@ -100,9 +106,9 @@ def run_estep(task, engine: Engine, examples: Sequence, *, scheme: str, budget: 
                 accepted = reward > 0 and not (leaked and reject_hint_leaks)
                 draws.append(Draw(ex.id, scheme, r, hint is not None, s.text, list(s.token_ids),
                                   [float(x) for x in s.logprobs], s.finish_reason, answer, reward, leaked,
-                                  accepted, trains(accepted, bool(s.token_ids))))
+                                  accepted, trains(accepted, bool(s.token_ids)), row))
                 if accepted:
-                    solved.add(ex.id)
+                    solved.add(row)
     return draws
 
 

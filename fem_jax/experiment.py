@@ -164,7 +164,7 @@ class Experiment:
 
         trained = [d for d in draws if d.trained]
         examples = [TrainExample(self._prompt(d.example_id), list(d.token_ids), d.reward) for d in trained]
-        set_advantages(self.cfg.mstep, examples, [d.example_id for d in trained])
+        set_advantages(self.cfg.mstep, examples, [d.batch for d in trained])  # GRPO: groups are draw batches
         return examples
 
     def mstep(self, k: int, draws: list[Draw]) -> dict:
@@ -206,7 +206,10 @@ class Experiment:
         bar.close()
         seconds = time.time() - t
         return {"train_loss": s["train_loss"], "train_losses": s["train_losses"],
-                "grad_norm": float(np.mean(s["grad_norms"])) if s["grad_norms"] else None,
+                "grad_norm": float(np.mean(s["grad_norms"])) if s["grad_norms"] else None,  # before clipping
+                "grad_norm_max": float(np.max(s["grad_norms"])) if s["grad_norms"] else None,
+                "grad_clipped_fraction": (float(np.mean(np.asarray(s["grad_norms"]) > c.mstep.grad_clip))
+                                          if s["grad_norms"] and c.mstep.grad_clip > 0 else 0.0),
                 "lr": lr, "optimizer_steps": s["optimizer_steps"], "tokens_mstep": s["tokens_mstep"],
                 "sequences_trained": bstats.sequences, "sequences_truncated": bstats.truncated,
                 "sequences_dropped": bstats.dropped, "seconds_mstep": seconds,

@@ -397,7 +397,8 @@ def round_scalars(row: dict) -> dict[str, float]:
     phase = {"data_utilization": "estep", "acceptance_rate": "estep", "reward_mean": "estep", "draws": "estep",
              "accepted": "estep", "trained": "estep", "hint_leaks": "estep", "reasoning_length_trained": "estep",
              "response_length": "estep", "tokens_estep": "estep", "seconds_estep": "estep",
-             "train_loss": "mstep", "grad_norm": "mstep", "lr": "mstep", "optimizer_steps": "mstep",
+             "train_loss": "mstep", "grad_norm": "mstep", "grad_norm_max": "mstep", "grad_clipped_fraction": "mstep",
+             "lr": "mstep", "optimizer_steps": "mstep",
              "tokens_mstep": "mstep", "seconds_mstep": "mstep", "sequences_truncated": "mstep",
              "seconds_export": "sync", "seconds_load": "sync", "seconds_sync": "sync"}
     out = {"em/round": float(row["round"])}

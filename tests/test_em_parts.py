@@ -141,6 +141,8 @@ def test_lr_decays_linearly_across_iterations_and_is_constant_within():
     ("estep.scheme=beam", "estep.scheme"),
     ("mstep.lr_start=fast", "mstep.lr_start"),
     ("mstep.micro_batch_size=3", "micro_batch_size"),
+    ("mstep.loss_norm=global", "mstep.loss_norm=.global. is invalid; expected step or micro"),
+    ("mstep.stats_over=epoch", "mstep.stats_over"),
     ("nosuch.x=1", "unknown key 'nosuch'"),
     ("run.iterations", "key=value"),
 ])
@@ -204,3 +206,39 @@ def test_batches_are_random_mixes_padded_to_their_longest_sequence():
     assert max(spreads) > 8  # at least one step mixes a short and a long sequence
     again = make_batches(exs, cfg, pad_id=0, seed=3)
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
+
+
+def test_a_prompt_twice_in_one_step_is_two_grpo_groups():
+    """A step that crosses an epoch boundary may draw for one prompt twice: each prompt row is
+    its own draw batch (verl's uid per row), so GRPO normalizes within each row's N draws."""
+    from fem_jax.config import MStepCfg
+    from fem_jax.mstep import TrainExample, set_advantages
+
+    eng = TableEngine({"Q a": ["5", "0", "5", "5"], "Q b": ["7", "0"]})
+    rows = [Ex("a", 5), Ex("b", 7), Ex("a", 5)]  # a at the end of one epoch and again in the next
+    draws = run_estep(StubTask(), eng, rows, scheme="rs", **{**KW, "budget": 1, "samples_per_prompt": 2,
+                                                              "trains": objectives.get("grpo").trains})
+    assert [(d.example_id, d.prompt, d.reward) for d in draws] == [
+        ("a", 0, 1.0), ("a", 0, 0.0), ("b", 1, 1.0), ("b", 1, 0.0), ("a", 2, 1.0), ("a", 2, 1.0)]
+    assert len({d.batch for d in draws}) == 3
+    cfg = MStepCfg(objective="grpo", loss_agg="token-mean")
+    exs = [TrainExample([1], [2], d.reward) for d in draws]
+    set_advantages(cfg, exs, [d.batch for d in draws])
+    adv = [round(e.advantage, 4) for e in exs]
+    assert adv == [0.7071, -0.7071, 0.7071, -0.7071, 0.0, 0.0]  # the second row of a: all right, no signal
+    set_advantages(cfg, exs, [d.example_id for d in draws])  # grouped by prompt: a's 4 draws as one group
+    assert [round(e.advantage, 4) for e in exs][4:] != [0.0, 0.0]
+
+
+def test_rollouts_written_before_draw_batches_were_kept_still_load():
+    from fem_jax.estep import Draw
+
+    d = Draw("a", "rs", 0, False, "5", [1], [-0.1], "stop", 5, 1.0, False, True, True, 3)
+    row = d.to_json()
+    assert Draw.from_json(row, "x").batch == "#3"
+    del row["prompt"]
+    old = Draw.from_json(row, "x")
+    assert old.prompt == -1 and old.batch == "a"
+    del row["reward"]
+    with pytest.raises(ValueError, match="x: a draw lacks field.s. reward"):
+        Draw.from_json(row, "x")

@@ -62,6 +62,9 @@ def test_run_folder_and_metrics(reference):
         assert REQUIRED_KEYS <= set(r), REQUIRED_KEYS - set(r)
         assert r["trained"] > 0 and r["train_loss"] is not None and r["tokens_mstep"] > 0
         assert 0 < r["data_utilization"] <= 1 and r["trained"] == r["accepted"]  # fem trains on the accepted
+        # gradient norms before clipping (mstep.grad_clip = 1.0): the share of updates clipped
+        assert r["grad_norm_max"] >= r["grad_norm"] > 0 and 0 <= r["grad_clipped_fraction"] <= 1
+        assert (r["grad_clipped_fraction"] > 0) == (r["grad_norm_max"] > 1.0)
     for f in ("config.yaml", "metrics.jsonl", "summary.md", "curves.png", "iter_1/rollouts.jsonl",
               "iter_2/eval.jsonl", "iter_0/metrics.json"):
         assert (out / f).exists(), f
