@@ -52,6 +52,10 @@ class EStepCfg:
 class MStepCfg:
     objective: str = "fem"  # a name registered in fem_jax.objectives: fem | empg | grpo
     loss_agg: str = ""  # token-mean | seq-mean-token-sum | seq-mean-token-mean; empty: the objective's
+    loss_norm: str = "step"  # step: one denominator for the whole optimizer update (TRL); micro: each
+    #   micro-batch's own, the micro-batch losses then averaged (verl at 281ed3a, dp_actor)
+    stats_over: str = "buffer"  # the objective's advantage statistics (EMPG's μ, σ, b; GRPO's groups) over
+    #   the round's whole buffer of draws, or over each optimizer update's batch ("update")
     beta: float = 0.0  # KL(pi || pi_ref) coefficient (policy-gradient objectives)
     clip_eps: float = 0.2  # grpo's clip range
     clip_ratio_c: float = 3.0  # grpo's dual-clip bound (verl)
@@ -161,6 +165,8 @@ class Config:
         spec = objectives.get(m.objective)
         _check(m.loss_agg in objectives.LOSS_AGGS, "mstep.loss_agg", m.loss_agg,
                f"one of {', '.join(objectives.LOSS_AGGS)}")
+        _check(m.loss_norm in ("step", "micro"), "mstep.loss_norm", m.loss_norm, "step or micro")
+        _check(m.stats_over in ("buffer", "update"), "mstep.stats_over", m.stats_over, "buffer or update")
         _check(m.beta >= 0, "mstep.beta", m.beta, ">= 0")
         _check(0 < m.clip_eps < 1, "mstep.clip_eps", m.clip_eps, "in (0, 1)")
         _check(m.clip_ratio_c > 1, "mstep.clip_ratio_c", m.clip_ratio_c, "> 1")

@@ -8,10 +8,15 @@
   long and short mixed, as TRL and verl draw them), each padded to its longest sequence
   rounded up to a multiple of `length_bucket`: a round compiles one step per bucket length.
 - One optimizer step = `batch_size` sequences = `batch_size / micro_batch_size`
-  micro-batches, accumulated inside the jitted step by `lax.scan`, the loss normalized
-  over the whole step (`num_items`, TRL's convention).
+  micro-batches, accumulated inside the jitted step by `lax.scan`. `loss_norm=step`: the
+  loss normalized over the whole step (`num_items`, TRL's convention: micro-batching does
+  not change the update); `loss_norm=micro`: each micro-batch normalized by its own count,
+  then divided by the number of micro-batches (verl's dp_actor at 281ed3a, the paper
+  configs' date: `loss = policy_loss / gradient_accumulation`), so with `token-mean` a
+  micro-batch of short answers weighs its tokens more than one of long answers.
 - The objective's spec says which per-row arrays a batch carries: `advantages` (computed
-  once per round over all its trained draws), `old_logps` (θ_old's log-probs, computed
+  once per round over all its trained draws, or over each step's batch with
+  `stats_over=update`), `old_logps` (θ_old's log-probs, computed
   here before the round's first update, at the sampling temperature when the objective
   is `tempered`, as verl's actor does).
 - With a mesh, parameters and optimizer state follow fem_jax.sharding's table and the
@@ -56,6 +61,7 @@ class TrainExample:
     completion_ids: list[int]
     reward: float = 1.0
     advantage: float = 0.0  # the objective's sequence weight (objectives with advantages)
+    group: str = ""  # the draw batch it came from (one prompt row's draws): GRPO's group
 
 
 def lr_for_iteration(cfg: MStepCfg, k: int, iterations: int) -> float:
@@ -72,15 +78,24 @@ def objective_config(cfg: MStepCfg) -> objectives.ObjectiveConfig:
                                       beta=cfg.beta, clip_eps=cfg.clip_eps, clip_ratio_c=cfg.clip_ratio_c)
 
 
-def set_advantages(cfg: MStepCfg, examples: Sequence[TrainExample], groups: Sequence[Any]) -> None:
-    """The objective's sequence weights over the whole round (`groups`: the prompt each
-    example answers), written into each example's `advantage`."""
+def advantages(cfg: MStepCfg, examples: Sequence[TrainExample]) -> np.ndarray:
+    """The objective's sequence weights of `examples` taken together (their statistics over
+    these examples only; `group` says which share a draw batch)."""
     spec = objectives.get(cfg.objective)
     if spec.advantages is None or not examples:
-        return
-    _, gid = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    w = spec.advantages(np.asarray([e.reward for e in examples], np.float32), gid, objective_config(cfg))
-    for e, a in zip(examples, w):
+        return np.zeros(len(examples), np.float32)
+    _, gid = np.unique(np.asarray([str(e.group) for e in examples]), return_inverse=True)
+    return spec.advantages(np.asarray([e.reward for e in examples], np.float32), gid, objective_config(cfg))
+
+
+def set_advantages(cfg: MStepCfg, examples: Sequence[TrainExample], groups: Sequence[Any] | None = None) -> None:
+    """The objective's sequence weights over the whole round (`groups`, when given, replace
+    the examples' `group`: the draw batch each came from), written into each example's
+    `advantage`. With `stats_over=update` make_batches computes them again per step."""
+    if groups is not None:
+        for e, g in zip(examples, groups, strict=True):
+            e.group = str(g)
+    for e, a in zip(examples, advantages(cfg, examples)):
         e.advantage = float(a)
 
 
@@ -99,7 +114,9 @@ def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, s
     bucket length. A dict of arrays shaped (accum, micro, t): input_ids, attention_mask,
     loss_mask (aligned with targets), rewards, and the objective's batch fields
     (advantages (accum, micro); old_logps (accum, micro, t), filled later by
-    Trainer.fill_old_logps). The last step may be partial (padding rows carry no loss)."""
+    Trainer.fill_old_logps). The last step may be partial (padding rows carry no loss).
+    With `stats_over=update` each step's advantages are the objective's statistics over that
+    step's sequences alone (the EMPG paper's "mini-batch M", §4.2)."""
     spec = objectives.get(cfg.objective)
     stats = stats if stats is not None else BatchStats()
     keep = []
@@ -127,6 +144,7 @@ def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, s
             b["advantages"] = np.zeros((cfg.batch_size,), np.float32)
         if "old_logps" in spec.batch_fields:
             b["old_logps"] = np.zeros((cfg.batch_size, t), np.float32)
+        own = advantages(cfg, [examples[i] for i in idx]) if cfg.stats_over == "update" else None
         for r, i in enumerate(idx):
             e = examples[i]
             seq = (list(e.prompt_ids) + list(e.completion_ids))[:t]
@@ -137,7 +155,7 @@ def make_batches(examples: Sequence[TrainExample], cfg: MStepCfg, pad_id: int, s
             b["loss_mask"][r, p - 1:len(seq) - 1] = 1.0
             b["rewards"][r] = e.reward
             if "advantages" in b:
-                b["advantages"][r] = e.advantage
+                b["advantages"][r] = e.advantage if own is None else own[r]
             stats.sequences += 1
         out.append({k: v.reshape((accum, micro) + v.shape[1:]) for k, v in b.items()})
     return out
@@ -197,19 +215,28 @@ def _loss(spec: StepSpec, params, mb, num_items, ref_params):
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
 def train_step(spec: StepSpec, params, opt_state, batch, ref_params=None):
     """One optimizer step over a batch shaped (accum, micro, t): gradients accumulated
-    over micro-batches by lax.scan, the loss normalized over the whole step."""
+    over micro-batches by lax.scan, the loss normalized over the whole step (loss_norm=step)
+    or per micro-batch and averaged over them (loss_norm=micro, verl 281ed3a)."""
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     ocfg = objective_config(spec.cfg)
-    num_items = objectives.denominator(ocfg, {k: flat[k] for k in ("loss_mask", "rewards")})
+    accum = next(iter(batch.values())).shape[0]
+    step_items = objectives.denominator(ocfg, {k: flat[k] for k in ("loss_mask", "rewards")})
+
+    def num_items(mb):
+        if spec.cfg.loss_norm == "micro":  # its own denominator, times the micro-batches averaged over
+            return objectives.denominator(ocfg, {k: mb[k] for k in ("loss_mask", "rewards")}) * accum
+        return step_items
+
     grad_fn = jax.value_and_grad(_loss, argnums=1, has_aux=True)
 
     def micro(acc, mb):
-        (loss, metrics), g = grad_fn(spec, params, mb, num_items, ref_params)
+        (loss, metrics), g = grad_fn(spec, params, mb, num_items(mb), ref_params)
         acc_g, acc_l, acc_t = acc
         return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss, acc_t + metrics["tokens"]), None
 
-    if next(iter(batch.values())).shape[0] == 1:  # one micro-batch: no accumulator (a parameter-sized buffer)
-        (loss, metrics), grads = grad_fn(spec, params, {k: v[0] for k, v in batch.items()}, num_items, ref_params)
+    if accum == 1:  # one micro-batch: no accumulator (a parameter-sized buffer)
+        mb = {k: v[0] for k, v in batch.items()}
+        (loss, metrics), grads = grad_fn(spec, params, mb, num_items(mb), ref_params)
         tokens = metrics["tokens"]
     else:
         zeros = jax.tree.map(jnp.zeros_like, params)

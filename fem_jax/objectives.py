@@ -328,8 +328,9 @@ def empg_advantages(rewards: np.ndarray, group: np.ndarray, cfg: ObjectiveConfig
 
         R̃(τ) = sigmoid((R(τ) - μ) / σ),   b = mean of R̃ over the batch,
 
-    μ and σ the mean and (population) standard deviation of the rewards over the step's
-    mini-batch of trajectories (all prompts together; `group` is not used).
+    μ and σ the mean and (population) standard deviation of the rewards over the given
+    trajectories (all prompts together; `group` is not used): the step's buffer or one
+    update's batch (`mstep.stats_over`).
 
     σ = 0 (every reward equal; e.g. no draw or every draw correct): (R - μ)/σ is 0/0. We
     define R̃ = sigmoid(0) = 1/2 for every trajectory, so every weight R̃ - b is exactly 0:
@@ -356,9 +357,17 @@ def empg_loss(cfg: ObjectiveConfig, logps: jax.Array, batch: Batch) -> tuple[jax
     (``batch["advantages"]``). The KL is the per-token k3 estimate summed over the
     trajectory like log P_θ(τ) (β = 0 for the 1.5B model, Section 5.1).
 
-    `token-mean` stays available as a named option: it divides each trajectory's weight by
-    the batch's token count, as TRL/verl losses do, which changes the effective learning
-    rate with the response length (shorter answers weigh more) — not the paper's Eq. 12.
+    `token-mean` stays available as a named option, as TRL/verl losses aggregate: it divides
+    the update's loss by its token count instead of its trajectory count. Within one update
+    that is one constant factor (every trajectory keeps its weight relative to the others;
+    with `mstep.loss_norm=micro` the factor is per micro-batch); across updates it scales the
+    step by 1 / (mean response length), so the effective learning rate falls as answers grow
+    — not the paper's Eq. 12. With grad_clip the two differ in practice too: the sum's
+    gradient is about L times the mean's (L tokens per answer), so it is clipped far more
+    often (metrics: grad_norm, grad_norm_max, grad_clipped_fraction, all before clipping).
+
+    μ, σ and b are taken over the round's whole buffer of draws (`mstep.stats_over=buffer`)
+    or over each optimizer update's batch (`update`: the paper's "mini-batch M", §4.2).
     """
     _check(logps, batch, ("rewards",))
     mask = _mask(batch)
@@ -386,9 +395,11 @@ register(Objective(
 
 def grpo_advantages(rewards: np.ndarray, group: np.ndarray, cfg: ObjectiveConfig) -> np.ndarray:
     """Group-normalized advantages as verl's `compute_grpo_outcome_advantage`:
-    A_i = (r_i - mean_g) / (std_g + eps) over the draws of the same prompt g, std with
+    A_i = (r_i - mean_g) / (std_g + eps) over the draws of the same group g, std with
     Bessel's correction (torch.std); a group of one draw gets mean 0 and std 1 (A = r),
-    as verl does. Equal rewards in a group give A = 0."""
+    as verl does. Equal rewards in a group give A = 0. A group is one draw batch: the N
+    draws of one prompt row of the step (verl gives each row a fresh uid), so a prompt
+    drawn twice in one step (an epoch boundary) makes two groups, not one of 2N."""
     r = np.asarray(rewards, np.float64)
     out = np.zeros_like(r)
     for g in np.unique(group):

@@ -87,3 +87,64 @@ def test_old_log_probs_are_the_current_parameters_at_the_sampling_temperature():
     np.testing.assert_allclose(b["old_logps"].reshape(want.shape), want, rtol=1e-6, atol=1e-6)
     m = tr.step(b)  # on-policy first update: the ratio is 1, nothing clipped
     assert np.isfinite(m["loss"])
+
+
+def _uneven_batch(cfg: MStepCfg):
+    """One step of 4 sequences in 2 micro-batches: 2 short completions and 2 long ones, so the
+    micro-batches' token counts differ whatever the shuffle puts together (unless it pairs
+    one of each, which seed 0 does not)."""
+    rng = np.random.default_rng(1)
+    exs = [TrainExample(rng.integers(1, 64, 4).tolist(), rng.integers(1, 64, n).tolist(), 1.0) for n in (2, 2, 12, 12)]
+    b = make_batches(exs, cfg, pad_id=0, seed=0)[0]
+    counts = b["loss_mask"].sum(axis=(1, 2))
+    assert counts[0] != counts[1], counts
+    return b
+
+
+def test_micro_normalization_is_the_mean_of_micro_batch_token_means_as_verl_took_it():
+    """loss_norm=micro (verl's dp_actor at 281ed3a): each micro-batch's token-mean, divided by
+    the number of micro-batches; loss_norm=step: the token-mean of the whole update (TRL).
+    They differ when the micro-batches hold different numbers of tokens."""
+    step = MStepCfg(batch_size=4, micro_batch_size=2, length_bucket=8, grad_clip=0.0)
+    micro = dataclasses.replace(step, loss_norm="micro")
+    b = _uneven_batch(step)
+    p = params()
+    with jax.default_matmul_precision("highest"):
+        nll = [-np.asarray(_logps(StepSpec(CFG, step, None, "none"), p, {k: jnp.asarray(v[i]) for k, v in b.items()}))
+               for i in range(2)]
+        got_step = Trainer(CFG, params(), step).step(b)["loss"]
+        got_micro = Trainer(CFG, params(), micro).step(b)["loss"]
+    m = [b["loss_mask"][i] > 0 for i in range(2)]
+    want_micro = np.mean([nll[i][m[i]].mean() for i in range(2)])
+    want_step = np.concatenate([nll[i][m[i]] for i in range(2)]).mean()
+    assert got_micro == pytest.approx(want_micro, rel=1e-5) and got_step == pytest.approx(want_step, rel=1e-5)
+    assert abs(want_micro - want_step) > 1e-3 * abs(want_step)
+    one = dataclasses.replace(step, micro_batch_size=4)  # one micro-batch: the two are one thing
+    with jax.default_matmul_precision("highest"):
+        a = Trainer(CFG, params(), one).step(batch(one))["loss"]
+        c = Trainer(CFG, params(), dataclasses.replace(one, loss_norm="micro")).step(batch(one))["loss"]
+    assert a == pytest.approx(c, rel=1e-6)
+
+
+def test_update_statistics_are_each_steps_own():
+    """stats_over=update: EMPG's μ, σ and b over each optimizer update's batch (the paper's
+    "mini-batch M"); buffer: over the whole round's draws."""
+    from fem_jax.mstep import set_advantages
+    from fem_jax.objectives import empg_advantages, ObjectiveConfig
+
+    rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    exs = [TrainExample([1, 2], [3, 4, 5], r) for r in rewards]
+    for over in ("buffer", "update"):
+        cfg = MStepCfg(objective="empg", batch_size=4, micro_batch_size=2, length_bucket=8, stats_over=over)
+        set_advantages(cfg, exs, [str(i) for i in range(len(exs))])
+        batches = make_batches(exs, cfg, pad_id=0, seed=3)
+        for bt in batches:
+            r, adv = bt["rewards"].reshape(-1), bt["advantages"].reshape(-1)
+            own = empg_advantages(r, np.zeros(len(r), int), ObjectiveConfig(name="empg"))
+            whole = {e.reward: e.advantage for e in exs}  # over the buffer: one weight per reward value
+            if over == "update":
+                np.testing.assert_allclose(adv, own, atol=1e-6)
+            else:
+                np.testing.assert_allclose(adv, [whole[x] for x in r], atol=1e-6)
+        assert any(not np.allclose(bt["advantages"].reshape(-1), [whole[x] for x in bt["rewards"].reshape(-1)])
+                   for bt in batches) == (over == "update")

@@ -208,6 +208,10 @@ def _check_empg(cfg, where, model, task, objective):
     assert cfg.mstep.batch_size == 256 * cfg.estep.samples_per_prompt == 1280, where
     assert (1024 * cfg.estep.samples_per_prompt) % cfg.mstep.batch_size == 0, where
     assert cfg.mstep.batch_size % cfg.mstep.micro_batch_size == 0 and cfg.mstep.micro_batch_size % 8 == 0, where
+    # verl at 281ed3a: each micro-batch of 40 (ppo_micro_batch_size_per_gpu) its own mean, / their number
+    assert (cfg.mstep.micro_batch_size, cfg.mstep.loss_norm) == (40, "micro"), where
+    # Section 4.2: EMPG's μ, σ, b over "a mini-batch M" (an update); verl's GRPO: the whole step's batch
+    assert cfg.mstep.stats_over == ("update" if objective == "empg" else "buffer"), where
     assert cfg.mstep.epochs == 1, where
     assert cfg.mstep.reset_optimizer is False and cfg.mstep.restart_from_base is False, where
     assert cfg.mstep.objective == objective, where
