@@ -426,9 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import ray
         except ImportError as e:
             raise ValueError(f"Ray is not installed ({e}): pip install -e \".[ray]\"") from None
-        ray.init(address=a.address, log_to_driver=False, include_dashboard=False,
-                 configure_logging=False) if a.address else ray.init(log_to_driver=False, include_dashboard=False,
-                                                                    configure_logging=False)
+        _connect(ray, a.address)
         runs = expand(a.configs, a.out, cluster_has_gpus=ray.cluster_resources().get("GPU", 0) > 0, **kw)
     except ValueError as e:
         print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -436,6 +434,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     return Sweep(runs, a.out, a.max_retries, say).run()
+
+
+def _connect(ray, address: str | None) -> None:
+    """ray.init: a new local cluster, or the one at `address`; a failure to connect is one
+    line. Ray's token authentication trips users up: `ray start` turns it on where
+    ~/.ray/auth_token exists (a local ray.init writes one), while a client connecting to it
+    sends the token only with RAY_AUTH_MODE=token, so the line says so."""
+    kw = dict(log_to_driver=False, include_dashboard=False, configure_logging=False)
+    if not address:
+        ray.init(**kw)
+        return
+    try:
+        ray.init(address=address, **kw)
+    except Exception as e:  # noqa: BLE001  ConnectionError, or a RuntimeError around an AuthenticationError
+        hint = ("" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
+                "; if the cluster uses token authentication, set RAY_AUTH_MODE=token here, with its token in "
+                "RAY_AUTH_TOKEN or ~/.ray/auth_token")
+        raise ValueError(f"--address {address}: cannot connect to a Ray cluster there ({_one_line(e)}){hint}") from None
 
 
 def _local_gpus() -> int:

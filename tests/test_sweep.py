@@ -145,7 +145,10 @@ def test_sweep_on_a_local_ray_cluster_survives_a_killed_worker(tiny_cache, tmp_p
         reference[r.name] = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join([str(ROOT)])}
+    # without token authentication on either side: `ray start` would turn it on wherever an
+    # earlier local ray.init left ~/.ray/auth_token (README's sweep example does)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(ROOT)])}
     env.pop("XLA_FLAGS", None)
     ray_bin = Path(sys.executable).with_name("ray")
     subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
@@ -185,3 +188,19 @@ def test_sweep_on_a_local_ray_cluster_survives_a_killed_worker(tiny_cache, tmp_p
         assert "running" not in again.stdout.split("0 to run")[1]
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=300)
+
+
+def test_a_cluster_it_cannot_reach_is_one_line_naming_the_address_and_token_auth(tmp_path, capsys, monkeypatch):
+    """ray.init(address=...) failing (here: a fake Ray whose init raises what Ray 2.60 raises
+    for a token-auth cluster) is exit 2 and one line naming --address and RAY_AUTH_MODE."""
+    import types
+
+    def init(address=None, **kw):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert sweep.main([str(TINY), "--seeds", "1", "--out", str(tmp_path / "s"), "--address", "10.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--address 10.0.0.1:6379: cannot connect" in err[0] and "RAY_AUTH_MODE=token" in err[0]
+    assert not (tmp_path / "s").exists()
