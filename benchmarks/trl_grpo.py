@@ -258,8 +258,6 @@ def compare(folder: Path, data: Data, case: str, hp: Hyper, out: Path, also: tup
     `also` = (loss_agg, loss_norm): one more run of ours on the same data with other
     settings, whose largest loss difference to TRL is `also_loss_abs` (a pair that should not
     match, to show the comparison can fail)."""
-    from fem_jax.models import from_pretrained
-
     loss_type, loss_agg, loss_norm = CASES[case]
     ref = run_trl(folder, data, loss_type, hp, out)
     batch = our_batch(data, ref["micro_batches"])
@@ -268,15 +266,11 @@ def compare(folder: Path, data: Data, case: str, hp: Hyper, out: Path, also: tup
     if also:
         other = run_ours(folder, batch, *also, hp)
         extra["also_loss_abs"] = float(np.max(np.abs(np.subtract(other["loss"], ref["loss"]))))
-    theirs = {k: np.asarray(v) for k, v in from_pretrained(ref["final"], dtype="float32").param_dict().items()}
-    init = {k: np.asarray(v) for k, v in from_pretrained(folder, dtype="float32").param_dict().items()}
-    param_diff = {k: float(np.abs(ours["params"][k] - theirs[k]).max()) for k in theirs}
     return {"trl_loss": ref["loss"], "our_loss": ours["loss"], "trl_grad_norm": ref["grad_norm"],
             "our_grad_norm": ours["grad_norm"], "trl_clipped": ref["clipped"],
             "loss_abs": float(np.max(np.abs(np.subtract(ours["loss"], ref["loss"])))),
             "grad_norm_rel": sft._rel(ours["grad_norm"], ref["grad_norm"]),
-            "param_max_abs": max(param_diff.values()), "param_worst": max(param_diff, key=param_diff.get),
-            "param_moved": max(float(np.abs(theirs[k] - init[k]).max()) for k in theirs), **extra}
+            **sft.param_diffs(ours["params"], ref["final"], folder), **extra}
 
 
 def main(argv=None) -> int:
@@ -291,12 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args(argv)
     hp = Hyper(steps=a.steps, lr=a.lr, beta=a.beta, grad_clip=a.grad_clip, seed=a.seed)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    sft.quiet_libraries()
     data = make_data(a.seed)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -242,26 +242,42 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
+def param_diffs(ours: dict[str, np.ndarray], final: Path, folder: Path) -> dict:
+    """max |Δ| between our final parameters and those saved in `final` (over all tensors, and
+    the tensor where it is largest), with max |θ_final − θ_0| (from `folder`) for scale."""
+    from fem_jax.models import from_pretrained
+
+    theirs = {k: np.asarray(v) for k, v in from_pretrained(final, dtype="float32").param_dict().items()}
+    init = {k: np.asarray(v) for k, v in from_pretrained(folder, dtype="float32").param_dict().items()}
+    diff = {k: float(np.abs(ours[k] - theirs[k]).max()) for k in theirs}
+    return {"param_max_abs": max(diff.values()), "param_worst": max(diff, key=diff.get),
+            "param_moved": max(float(np.abs(theirs[k] - init[k]).max()) for k in theirs)}
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info chatter from datasets and transformers: main() prints the tables."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def compare(folder: Path, rows: list[tuple[str, str]], accum: int, micro: int, hp: Hyper, out: Path) -> dict:
     """Both runs of one case; curves, the largest relative differences of loss and grad norm
     per step, and max |Δ| of the final parameters (over all tensors) with max |θ_final − θ_0|
     for scale."""
-    from fem_jax.models import from_pretrained
-
     ref = run_trl(folder, rows, accum, micro, hp, out)
     examples = our_examples(rows, SPECIAL["<eos>"])
     t = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
     batches = step_batches(examples, accum, micro, hp.steps, SPECIAL["<pad>"], t)
     check_same_batches(batches, ref["batches"])
     ours = run_ours(folder, batches, hp, accum, micro)
-    theirs = {k: np.asarray(v) for k, v in from_pretrained(ref["final"], dtype="float32").param_dict().items()}
-    init = {k: np.asarray(v) for k, v in from_pretrained(folder, dtype="float32").param_dict().items()}
-    param_diff = {k: float(np.abs(ours["params"][k] - theirs[k]).max()) for k in theirs}
-    moved = max(float(np.abs(theirs[k] - init[k]).max()) for k in theirs)
     return {"trl_loss": ref["loss"], "our_loss": ours["loss"], "trl_grad_norm": ref["grad_norm"],
             "our_grad_norm": ours["grad_norm"], "loss_rel": _rel(ours["loss"], ref["loss"]),
-            "grad_norm_rel": _rel(ours["grad_norm"], ref["grad_norm"]), "param_max_abs": max(param_diff.values()),
-            "param_worst": max(param_diff, key=param_diff.get), "param_moved": moved}
+            "grad_norm_rel": _rel(ours["grad_norm"], ref["grad_norm"]),
+            **param_diffs(ours["params"], ref["final"], folder)}
 
 
 def main(argv=None) -> int:
@@ -276,12 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args(argv)
     hp = Hyper(steps=a.steps, lr=a.lr, weight_decay=a.weight_decay, grad_clip=a.grad_clip, seed=a.seed)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     rows = make_rows(a.rows, a.seed)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
