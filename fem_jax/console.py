@@ -14,6 +14,11 @@ from typing import Callable
 Log = Callable[[str], None]
 
 
+def say(msg: str) -> None:
+    """One timestamped line on stdout, flushed (a cluster log shows it at once)."""
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+
+
 class Console:
     """What the user sees: one timestamped line per phase (flushed: a cluster log shows it at
     once) and, on a terminal, a progress bar with an ETA for each phase. Library output
@@ -27,7 +32,7 @@ class Console:
         if self._log is not None:
             self._log(msg)
         else:
-            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+            say(msg)
 
     def bar(self, total: int, desc: str):
         """A callable progress(n) advancing a bar of `total` units (a no-op off a terminal)."""

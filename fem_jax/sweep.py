@@ -432,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{p.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
-    say = lambda msg: print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    from .console import say  # the run's own line format; Console itself would start JAX in this driver
+
     return Sweep(runs, a.out, a.max_retries, say).run()
 
 
