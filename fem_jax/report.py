@@ -301,8 +301,8 @@ def compare(results: Mapping[str, Mapping[int, Sequence[Mapping]]], out: Path) -
     `run_score` per column: mean ± standard error over seeds) and comparison.png; returns the table."""
     steps = any(is_steps(rows) for by_seed in results.values() for rows in by_seed.values())
     score = f"mean of the last {LAST_EVALS} evaluations" if steps else "best test acc, iterations ≥ 1"
-    lines = [f"| {'objective' if steps else 'scheme'} | base (mean) | {score} (mean ± s.e.) | seeds | per seed |",
-             "|---|---:|---:|---:|---|"]
+    lines = [f"| {'objective' if steps else 'scheme'} | base (mean) | {score} (mean ± s.e.) | seeds | per seed "
+             "| minutes per run |", "|---|---:|---:|---:|---|---:|"]
     for name, by_seed in results.items():
         bases = [b for b in (base_score(rows) for rows in by_seed.values()) if b is not None]
         scores = {seed: run_score(rows) for seed, rows in by_seed.items()}
@@ -314,11 +314,21 @@ def compare(results: Mapping[str, Mapping[int, Sequence[Mapping]]], out: Path) -
             cell = f"{m:.3f}" + (f" ± {se:.3f}" if se is not None else "")  # one seed has no spread
         else:
             cell = "–"
-        lines.append(f"| {name} | {base} | {cell} | {len(got)} | {per} |")
+        minutes = [m for m in (run_minutes(rows) for rows in by_seed.values()) if m is not None]
+        wall = f"{sum(minutes) / len(minutes):.1f}" if minutes else "–"
+        lines.append(f"| {name} | {base} | {cell} | {len(got)} | {per} | {wall} |")
     text = "\n".join(lines)
     atomic_write_text(Path(out) / "comparison.md", "# Comparison\n\n" + text + "\n")
     save_figure(comparison_figure(results), Path(out) / "comparison.png")
     return text
+
+
+def run_minutes(rows: Sequence[Mapping]) -> float | None:
+    """A run's wall time in minutes from its metrics: the base evaluation and every round
+    (E-step, M-step, sync, evaluation; not the process start), None if a round lacks it."""
+    secs = [r.get("seconds_round") if r.get("round", r.get("iteration", r.get("step"))) else r.get("seconds_eval")
+            for r in rows]
+    return sum(secs) / 60 if secs and all(isinstance(x, (int, float)) for x in secs) else None
 
 
 COMPARE_PANELS = [
@@ -405,6 +415,7 @@ class Run:
     restart: bool
     seed: int
     iterations: int | None
+    trainer: str = "fem_jax"
     column: str = ""
 
     @property
@@ -491,7 +502,8 @@ def read_run(folder: Path) -> Run:
                scheme=_need(cfg, "estep.scheme", cpath), budget=budget if isinstance(budget, int) else None,
                objective=str(section("mstep").get("objective") or ""),
                restart=bool(section("mstep").get("restart_from_base")), seed=_need(cfg, "run.seed", cpath, (int,)),
-               iterations=iterations if isinstance(iterations, int) else None)
+               iterations=iterations if isinstance(iterations, int) else None,
+               trainer=str(section("run").get("trainer") or "fem_jax"))
 
 
 # ---------------------------------------------------------------- the papers' tables
@@ -507,7 +519,7 @@ def _columns(runs: list[Run]) -> None:
     budgets = {r.budget for r in runs if not r.steps and r.scheme == "rs"}
     for r in runs:
         if r.steps:  # a policy-gradient step loop: its column is the objective
-            r.column = r.objective
+            r.column = r.objective + ("-trl" if r.trainer == "trl" else "")  # TRL's trainer: its own column
         else:
             r.column = r.scheme + (f"-{r.budget}" if r.scheme == "rs" and len(budgets) > 1 else "")
             r.column += "+restart" if r.restart else ""
@@ -524,7 +536,8 @@ def column_label(name: str) -> str:
     m = re.match(r"([a-z]+)(.*)", name)
     if not m:
         return name
-    return NAMES.get(m.group(1), m.group(1).upper()) + m.group(2).upper().replace("+RESTART", "+restart")
+    return (NAMES.get(m.group(1), m.group(1).upper())
+            + m.group(2).upper().replace("+RESTART", "+restart").replace("-TRL", " (TRL)"))
 
 
 def _metric_order(task: str, metric: str):
