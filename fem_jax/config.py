@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
+TRAINERS = ("fem_jax", "trl")  # who samples and trains a run (run.trainer)
 REMAT_NAMES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
@@ -105,6 +106,7 @@ class RunCfg:
     keep_checkpoints: int = 2  # orbax keeps this many most recent checkpoints
     save_every: int = 1  # checkpoint every this many rounds (and always the last)
     report_to: tuple = ()  # experiment trackers: tensorboard, wandb, trackio
+    trainer: str = "fem_jax"  # fem_jax | trl: TRL's GRPOTrainer samples and trains the run (fem_jax.trl_run; grpo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +116,7 @@ class CompareCfg:
 
     schemes: tuple = ()  # E-step schemes to compare (FEM)
     objectives: tuple = ()  # objectives to compare (e.g. empg, grpo)
+    trl: tuple = ()  # objectives TRL's trainer also runs, as arms "<objective>-trl" (grpo: GRPOTrainer)
     seeds: tuple = ()  # seeds of every arm (default: run.seed)
 
 
@@ -206,6 +209,12 @@ class Config:
         _check(all(isinstance(k, int) and 1 <= k <= max(ev.n_samples, 1) for k in ev.k) and (ev.n_samples > 0 or not ev.k),
                "eval.k", list(ev.k), f"integers in [1, eval.n_samples={ev.n_samples}]")
         _check(ev.temperature > 0, "eval.temperature", ev.temperature, "> 0 (sampled pass@k completions)")
+        _check(self.run.trainer in TRAINERS, "run.trainer", self.run.trainer, f"one of {', '.join(TRAINERS)}")
+        if self.run.trainer == "trl":
+            from .trl_run import check
+
+            for field, value, want in check(self):
+                _check(False, field, value, want)
         from .trackers import REPORT_TO
 
         bad = [t for t in self.run.report_to if t not in REPORT_TO]
@@ -215,6 +224,9 @@ class Config:
                "one of compare.schemes or compare.objectives")
         bad = [s for s in cmp.schemes if s not in SCHEMES]
         _check(not bad, "compare.schemes", list(cmp.schemes), f"a list of {', '.join(SCHEMES)}")
+        _check(not (cmp.schemes and cmp.trl), "compare", "schemes and trl",
+               "compare.trl beside compare.objectives (policy-gradient arms), not compare.schemes")
+        _check(all(o == "grpo" for o in cmp.trl), "compare.trl", list(cmp.trl), "[grpo] (TRL's GRPOTrainer) or empty")
         bad = [o for o in cmp.objectives if o not in objectives.OBJECTIVES]
         _check(not bad, "compare.objectives", list(cmp.objectives),
                f"a list of {', '.join(sorted(objectives.OBJECTIVES))}")
@@ -225,16 +237,20 @@ class Config:
         """The comparison's runs: (arm name, seed, that run's config), seeds outermost."""
         cmp = self.compare
         seeds = list(cmp.seeds) or [self.run.seed]
-        if cmp.objectives:
-            arms = [(o, dataclasses.replace(self.mstep, objective=o, loss_agg="", reset_optimizer=None), "mstep")
+        if cmp.objectives or cmp.trl:
+            arms = [(o, {"mstep": dataclasses.replace(self.mstep, objective=o, loss_agg="", reset_optimizer=None)})
                     for o in cmp.objectives]
+            arms += [(f"{o}-trl", {"mstep": dataclasses.replace(self.mstep, objective=o, loss_agg="",
+                                                                reset_optimizer=None),
+                                   "run": dataclasses.replace(self.run, trainer="trl")}) for o in cmp.trl]
         else:
-            arms = [(s, dataclasses.replace(self.estep, scheme=s), "estep") for s in (cmp.schemes or [self.estep.scheme])]
+            arms = [(s, {"estep": dataclasses.replace(self.estep, scheme=s)})
+                    for s in (cmp.schemes or [self.estep.scheme])]
         out = []
         for seed in seeds:
-            for name, part, field in arms:
-                c = dataclasses.replace(self, **{field: part}, run=dataclasses.replace(self.run, seed=seed),
-                                        compare=CompareCfg())
+            for name, parts in arms:
+                c = dataclasses.replace(self, **parts, compare=CompareCfg())
+                c = dataclasses.replace(c, run=dataclasses.replace(c.run, seed=seed))
                 out.append((name, seed, c.resolve()))
         return out
 

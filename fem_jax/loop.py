@@ -62,7 +62,12 @@ def run(cfg: Config, out: str | Path, log: Log | None = None, console: Console |
     out = Path(out)
     console = console or Console(log)
     _, changes = check_out(cfg, out)
-    exp = experiment_class(cfg)(cfg, out, console)
+    if cfg.run.trainer == "trl":  # TRL's GRPOTrainer samples and trains; our evaluator scores it
+        from .trl_run import TrlRun
+
+        exp = TrlRun(cfg, out, console)
+    else:
+        exp = experiment_class(cfg)(cfg, out, console)
     for key, a, b in changes:
         console(f"{out}: {key} {a!r} -> {b!r} (a change that keeps the finished rounds)")
     exp.folder.write_text(out / "config.yaml", config_lib.dump_yaml(cfg))

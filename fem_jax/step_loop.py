@@ -16,20 +16,25 @@ import numpy as np
 from .experiment import Experiment
 
 
+def step_examples(train: list, prompts_per_step: int, seed: int, k: int) -> list:
+    """Step k's batch of `prompts_per_step` prompts from a seeded shuffle of the training set,
+    a new shuffle each epoch (positions (k-1)B .. kB-1 of the epochs laid end to end). The TRL
+    arm (fem_jax.trl_run) feeds GRPOTrainer the same sequence."""
+    b, n = prompts_per_step, len(train)
+    out = []
+    for pos in range((k - 1) * b, k * b):
+        epoch, i = divmod(pos, n)
+        order = np.random.default_rng([seed, 7919, epoch]).permutation(n)
+        out.append(train[order[i]])
+    return out
+
+
 class PolicySteps(Experiment):
     prefix = "step"
     noun = "step"
 
     def round_examples(self, k: int) -> list:
-        """The k-th batch of `prompts_per_step` prompts from a seeded shuffle of the training
-        set, a new shuffle each epoch (positions (k-1)B .. kB-1 of the epochs laid end to end)."""
-        b, n = self.cfg.estep.prompts_per_step, len(self.train)
-        out = []
-        for pos in range((k - 1) * b, k * b):
-            epoch, i = divmod(pos, n)
-            order = np.random.default_rng([self.cfg.run.seed, 7919, epoch]).permutation(n)
-            out.append(self.train[order[i]])
-        return out
+        return step_examples(self.train, self.cfg.estep.prompts_per_step, self.cfg.run.seed, k)
 
     def title(self) -> str:
         return self.cfg.mstep.objective

@@ -127,8 +127,8 @@ def expand(paths: Sequence[str], out: Path, *, seeds: Sequence[int] = (), scheme
         except ValueError as e:
             raise ValueError(f"{file}: {' '.join(str(e).split())}") from None
         for arm, seed, c in cfg.arms():
-            if c.objective.loop == "steps":  # a policy-gradient run is named after its objective
-                arm = c.mstep.objective
+            if c.objective.loop == "steps":  # a policy-gradient run is named after its objective (and trainer)
+                arm = c.mstep.objective + ("-trl" if c.run.trainer == "trl" else "")
             gpus = _gpus(c, gpus_per_run, cluster_has_gpus)
             params = model_params(c.model.path)
             memory = int((memory_per_run_gb or _memory_gb(params, gpus)) * 2**30)

@@ -124,7 +124,7 @@ def _main(args, buffer) -> int:
     if cfg.run.mesh:
         _check_devices(cfg.run.mesh)
     console = Console()
-    if cfg.compare.schemes or cfg.compare.objectives or cfg.compare.seeds:
+    if cfg.compare.schemes or cfg.compare.objectives or cfg.compare.trl or cfg.compare.seeds:
         table = run_comparison(cfg, out, console=console)
         if is_main:
             print(f"\n{table}\n\n(written to {out / 'comparison.md'} and {out / 'comparison.png'})")
