@@ -2,6 +2,7 @@
 papers' result tables over many run folders.
 
     python -m fem_jax.report paper-table RUN_DIR... [--out DIR] [--no-plots]   (alias: tables)
+    python -m fem_jax.report draws RUN_DIR      per round: rewarded, cut-off, tokens by advantage sign
     python -m fem_jax.report summary RUN_DIR...      # rewrite summary.md and curves.png
 
 A run folder is a folder with config.yaml and metrics.jsonl (written by fem_jax.loop); the
@@ -728,6 +729,53 @@ def _title(run: Run) -> str:
     return f"{what} · seed {run.seed} · {run.model} · {run.task}" + (f" ({run.metric})" if run.metric else "")
 
 
+# ---------------------------------------------------------------- what a run's draws hold
+
+
+def draw_table(folder: Path) -> str:
+    """Per round of a run folder, from its rollouts.jsonl (or a TRL arm's draws.jsonl): draws,
+    rewarded share, share cut at the token limit, mean tokens of all draws, of those above
+    their draw batch's mean reward (a positive advantage in GRPO and EMPG) and of those below
+    it (negative): where the first is longer, the update favours longer answers."""
+    import json
+
+    from .estep import read_draws
+
+    folder = Path(folder)
+    rounds = sorted((int(d.name.split("_")[1]), d) for d in folder.glob("*_*")
+                    if d.is_dir() and d.name.split("_")[-1].isdigit() and d.name.split("_")[0] in ("iter", "step"))
+    lines = ["| round | draws | rewarded | cut at limit | tokens | tokens, A > 0 | tokens, A < 0 |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, d in rounds:
+        if (d / "rollouts.jsonl").exists():
+            rows = [(x.batch, x.reward, len(x.token_ids), x.finish_reason == "length")
+                    for x in read_draws(d / "rollouts.jsonl")]
+        elif (d / "draws.jsonl").exists():  # a TRL arm: its batches are the prompts' runs of equal ids
+            raw = [json.loads(x) for x in (d / "draws.jsonl").read_text().splitlines() if x.strip()]
+            rows = [(x["example_id"], x["reward"], x["tokens"], None) for x in raw]
+        else:
+            continue
+        if not rows:
+            continue
+        groups: dict = {}
+        for b, r, _, _ in rows:
+            groups.setdefault(b, []).append(r)
+        mean = {b: sum(v) / len(v) for b, v in groups.items()}
+        pos = [n for b, r, n, _ in rows if r > mean[b]]
+        neg = [n for b, r, n, _ in rows if r < mean[b]]
+        cut = [c for *_, c in rows if c is not None]
+
+        def avg(xs):
+            return f"{sum(xs) / len(xs):.1f}" if xs else "–"
+
+        lines.append(f"| {k} | {len(rows)} | {sum(r > 0 for _, r, _, _ in rows) / len(rows):.2f} | "
+                     f"{f'{sum(cut) / len(cut):.2f}' if cut else '–'} | {avg([n for _, _, n, _ in rows])} | "
+                     f"{avg(pos)} | {avg(neg)} |")
+    if len(lines) == 2:
+        raise ReportError(f"{folder}: no rounds with draws (rollouts.jsonl or draws.jsonl)")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fem_jax.report", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -738,8 +786,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--no-plots", action="store_true", help="with --out: tables only")
     s = sub.add_parser("summary", help="rewrite summary.md and curves.png of each run folder from its metrics.jsonl")
     s.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    d = sub.add_parser("draws", help="per round of a run folder: rewarded and cut-off shares, mean tokens by "
+                       "advantage sign (draws above or below their batch's mean reward)")
+    d.add_argument("run", metavar="RUN_DIR")
     args = p.parse_args(argv)
     try:
+        if args.cmd == "draws":
+            print(draw_table(Path(args.run)))
+            return 0
         if args.cmd == "summary":
             folders = find_runs(args.runs)
             if not folders:

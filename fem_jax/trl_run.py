@@ -54,7 +54,12 @@ LOSS_TYPES = {("token-mean", "step"): "dapo", ("token-mean", "micro"): "bnpo",
 
 def check(cfg: Config) -> list[tuple[str, object, str]]:
     """(field, value, what it should be) for each setting a TRL run cannot honour."""
+    import importlib.util
+
     m, e, bad = cfg.mstep, cfg.estep, []
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("torch") is None:
+        bad.append(("run.trainer", "trl", "fem_jax with this install: TRL and torch are in the test extra "
+                    "(pip install -e \".[test]\")"))
     if m.objective != "grpo":
         bad.append(("mstep.objective", m.objective, "grpo with run.trainer=trl (TRL's GRPOTrainer)"))
     if (m.loss_agg, m.loss_norm) not in LOSS_TYPES:
