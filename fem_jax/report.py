@@ -736,7 +736,9 @@ def draw_table(folder: Path) -> str:
     """Per round of a run folder, from its rollouts.jsonl (or a TRL arm's draws.jsonl): draws,
     rewarded share, share cut at the token limit, mean tokens of all draws, of those above
     their draw batch's mean reward (a positive advantage in GRPO and EMPG) and of those below
-    it (negative): where the first is longer, the update favours longer answers."""
+    it (negative): where the first is longer, the update favours longer answers; and the share
+    of draws in a flat batch (all its draws equally rewarded): GRPO gives them no advantage,
+    a batch-wide baseline (EMPG's) does."""
     import json
 
     from .estep import read_draws
@@ -744,8 +746,8 @@ def draw_table(folder: Path) -> str:
     folder = Path(folder)
     rounds = sorted((int(d.name.split("_")[1]), d) for d in folder.glob("*_*")
                     if d.is_dir() and d.name.split("_")[-1].isdigit() and d.name.split("_")[0] in ("iter", "step"))
-    lines = ["| round | draws | rewarded | cut at limit | tokens | tokens, A > 0 | tokens, A < 0 |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| round | draws | rewarded | cut at limit | tokens | tokens, A > 0 | tokens, A < 0 | in a flat batch |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k, d in rounds:
         if (d / "rollouts.jsonl").exists():
             rows = [(x.batch, x.reward, len(x.token_ids), x.finish_reason == "length")
@@ -764,13 +766,14 @@ def draw_table(folder: Path) -> str:
         pos = [n for b, r, n, _ in rows if r > mean[b]]
         neg = [n for b, r, n, _ in rows if r < mean[b]]
         cut = [c for *_, c in rows if c is not None]
+        flat = sum(len(set(groups[b])) == 1 for b, *_ in rows) / len(rows)
 
         def avg(xs):
             return f"{sum(xs) / len(xs):.1f}" if xs else "–"
 
         lines.append(f"| {k} | {len(rows)} | {sum(r > 0 for _, r, _, _ in rows) / len(rows):.2f} | "
                      f"{f'{sum(cut) / len(cut):.2f}' if cut else '–'} | {avg([n for _, _, n, _ in rows])} | "
-                     f"{avg(pos)} | {avg(neg)} |")
+                     f"{avg(pos)} | {avg(neg)} | {flat:.2f} |")
     if len(lines) == 2:
         raise ReportError(f"{folder}: no rounds with draws (rollouts.jsonl or draws.jsonl)")
     return "\n".join(lines)

@@ -48,5 +48,5 @@ def test_draw_table_splits_lengths_by_advantage_sign(tmp_path):
     (tmp_path / "step_2" / "draws.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"example_id": "a", "reward": 0.0, "tokens": 12}, {"example_id": "a", "reward": 1.0, "tokens": 3}]))
     rows = draw_table(tmp_path).splitlines()
-    assert rows[2] == "| 1 | 5 | 0.60 | 0.20 | 6.0 | 10.0 | 3.0 |"
-    assert rows[3] == "| 2 | 2 | 0.50 | – | 7.5 | 3.0 | 12.0 |"
+    assert rows[2] == "| 1 | 5 | 0.60 | 0.20 | 6.0 | 10.0 | 3.0 | 0.40 |"
+    assert rows[3] == "| 2 | 2 | 0.50 | – | 7.5 | 3.0 | 12.0 | 0.00 |"
