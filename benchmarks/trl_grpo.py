@@ -40,7 +40,7 @@ the two sides compute the same thing:
 
 Settings that make the two sides comparable, as in trl_sft.py: float32 on both, no
 gradient checkpointing, constant learning rate without warmup, dropout 0, AdamW with the
-same betas and eps, max_grad_norm = grad_clip, weight decay 0, temperature 1.
+same betas and eps, max_grad_norm = grad_clip, weight decay 0, the same temperature (--temperature, default 1).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class Hyper:
     eps: float = 1e-8
     grad_clip: float = 1.0
     seed: int = 0
+    temperature: float = 1.0  # divides the logits of both sides' log-probs (the sampling temperature)
 
 
 @dataclasses.dataclass
@@ -164,7 +165,7 @@ def run_trl(folder: Path, data: Data, loss_type: str, hp: Hyper, out: Path) -> d
         lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta1=hp.b1, adam_beta2=hp.b2,
         adam_epsilon=hp.eps, weight_decay=0.0, max_grad_norm=hp.grad_clip, logging_steps=1, bf16=False,
         fp16=False, **{ckpt: False}, beta=hp.beta, epsilon=hp.clip_eps, loss_type=loss_type,
-        scale_rewards="group", temperature=1.0, max_completion_length=data.max_completion,
+        scale_rewards="group", temperature=hp.temperature, max_completion_length=data.max_completion,
         mask_truncated_completions=False, shuffle_dataset=False, dataloader_num_workers=0, log_completions=False,
         model_init_kwargs={"dtype": torch.float32},
         # TRL >= 1.x multiplies the KL by the ratio by default (DeepSeek-V3.2's unbiased estimator);
@@ -242,7 +243,7 @@ def run_ours(folder: Path, batch: dict[str, np.ndarray], loss_agg: str, loss_nor
                    clip_ratio_c=1e9, lr_start=hp.lr, lr_end=hp.lr, b1=hp.b1, b2=hp.b2, weight_decay=0.0,
                    grad_clip=hp.grad_clip, batch_size=ACCUM * MICRO, micro_batch_size=MICRO, reset_optimizer=False)
     ref = jax.tree.map(lambda x: x.copy(), params) if hp.beta > 0 else None
-    tr = Trainer(model.cfg, params, cfg, ref_params=ref, temperature=1.0)
+    tr = Trainer(model.cfg, params, cfg, ref_params=ref, temperature=hp.temperature)
     dev = jax.devices()[0]  # committed like the step's outputs: one compilation (see trl_sft.run_ours)
     tr.params, tr.opt_state = jax.device_put((tr.params, tr.opt_state), dev)
     batch = {k: v.copy() for k, v in batch.items()}
@@ -281,10 +282,12 @@ def main(argv=None) -> int:
     ap.add_argument("--beta", type=float, default=d.beta, help="k3 KL coefficient (0: no reference model)")
     ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm (0: off)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
+    ap.add_argument("--temperature", type=float, default=d.temperature,
+                    help="the sampling temperature both sides divide the logits by (our embedded runs: 0.7)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args(argv)
-    hp = Hyper(steps=a.steps, lr=a.lr, beta=a.beta, grad_clip=a.grad_clip, seed=a.seed)
+    hp = Hyper(steps=a.steps, lr=a.lr, beta=a.beta, grad_clip=a.grad_clip, seed=a.seed, temperature=a.temperature)
     sft.quiet_libraries()
     data = make_data(a.seed)
     results = {}
@@ -294,7 +297,8 @@ def main(argv=None) -> int:
             r = results[case] = compare(folder, data, case, hp, Path(tmp) / case)
             loss_type, agg, norm = CASES[case]
             print(f"\nTRL loss_type={loss_type} vs ours loss_agg={agg}, loss_norm={norm}: {ACCUM} x {MICRO} "
-                  f"sequences per step, lr {hp.lr}, beta {hp.beta}, clip eps {hp.clip_eps}, grad_clip {hp.grad_clip}")
+                  f"sequences per step, lr {hp.lr}, beta {hp.beta}, clip eps {hp.clip_eps}, grad_clip {hp.grad_clip}, "
+                  f"temperature {hp.temperature}")
             print(f"{'step':>4} {'TRL loss':>12} {'fem_jax loss':>12} {'|diff|':>9}   {'TRL |g|':>10} "
                   f"{'fem_jax |g|':>11}   {'TRL clipped':>11}")
             for s in range(hp.steps):

@@ -54,3 +54,17 @@ def test_grpo_step_matches_trl_grpo_trainer(case, folder, tmp_path, monkeypatch)
     assert HP.beta > 0 and r["param_moved"] > 3e-3, msg
     if WRONG[case]:
         assert r["also_loss_abs"] > 1e-3, msg
+
+
+def test_tempered_grpo_matches_trl_grpo_trainer(folder, tmp_path, monkeypatch):
+    """At the sampling temperature of our embedded runs (0.7; configs/empg_vs_grpo*.yaml) both
+    sides divide the logits of their log-probs by it: the same steps as at temperature 1."""
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hp = dataclasses.replace(HP, temperature=0.7)
+    r = bench.compare(folder, bench.make_data(0), "dapo", hp, tmp_path / "trl")
+    msg = f"{ {k: v for k, v in r.items() if 'trl' not in k} }"
+    assert r["loss_abs"] < 2e-6 and r["grad_norm_rel"] < 1e-4 and r["param_max_abs"] < 1e-4, msg
+    assert max(r["trl_clipped"][1:]) > 0.3 and r["param_moved"] > 3e-3, msg
