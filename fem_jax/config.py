@@ -210,11 +210,8 @@ class Config:
                "eval.k", list(ev.k), f"integers in [1, eval.n_samples={ev.n_samples}]")
         _check(ev.temperature > 0, "eval.temperature", ev.temperature, "> 0 (sampled pass@k completions)")
         _check(self.run.trainer in TRAINERS, "run.trainer", self.run.trainer, f"one of {', '.join(TRAINERS)}")
-        if self.run.trainer == "trl":
-            from .trl_run import check
-
-            for field, value, want in check(self):
-                _check(False, field, value, want)
+        if self.run.trainer == "trl":  # TRL's trainer samples and trains the run (fem_jax.trl_run)
+            self._check_trl()
         from .trackers import REPORT_TO
 
         bad = [t for t in self.run.report_to if t not in REPORT_TO]
@@ -226,12 +223,38 @@ class Config:
         _check(not bad, "compare.schemes", list(cmp.schemes), f"a list of {', '.join(SCHEMES)}")
         _check(not (cmp.schemes and cmp.trl), "compare", "schemes and trl",
                "compare.trl beside compare.objectives (policy-gradient arms), not compare.schemes")
-        _check(all(o == "grpo" for o in cmp.trl), "compare.trl", list(cmp.trl), "[grpo] (TRL's GRPOTrainer) or empty")
+        trl = [o for o, spec in objectives.OBJECTIVES.items() if spec.trl_trainer]
+        _check(all(o in trl for o in cmp.trl), "compare.trl", list(cmp.trl),
+               f"a list of objectives TRL implements ({', '.join(trl)})")
         bad = [o for o in cmp.objectives if o not in objectives.OBJECTIVES]
         _check(not bad, "compare.objectives", list(cmp.objectives),
                f"a list of {', '.join(sorted(objectives.OBJECTIVES))}")
         _check(all(isinstance(x, int) for x in cmp.seeds), "compare.seeds", list(cmp.seeds), "a list of integers")
         return self
+
+    def _check_trl(self) -> None:
+        """The settings a run trained by TRL (run.trainer=trl) cannot honour, named."""
+        import importlib.util
+
+        from . import objectives
+
+        m, e, why = self.mstep, self.estep, " with run.trainer=trl"
+        _check(importlib.util.find_spec("trl") is not None and importlib.util.find_spec("torch") is not None,
+               "run.trainer", "trl", "fem_jax with this install: TRL and torch are in the test extra "
+               "(pip install -e \".[test]\")")
+        _check(bool(self.objective.trl_trainer), "mstep.objective", m.objective,
+               "an objective TRL implements (grpo: GRPOTrainer)" + why)
+        _check((m.loss_agg, m.loss_norm) in objectives.TRL_LOSS_TYPES, "mstep.loss_agg",
+               f"{m.loss_agg} (loss_norm {m.loss_norm})", "token-mean or seq-mean-token-mean (TRL's dapo, bnpo, "
+               "grpo)" + why)
+        _check(m.lr_start == m.lr_end, "mstep.lr_end", m.lr_end, f"mstep.lr_start={m.lr_start} (constant)" + why)
+        n = e.prompts_per_step * e.samples_per_prompt
+        _check(n % m.batch_size == 0, "mstep.batch_size", m.batch_size,
+               f"a divisor of estep.prompts_per_step x samples_per_prompt = {n}" + why)
+        _check(not m.restart_from_base, "mstep.restart_from_base", m.restart_from_base, "false" + why)
+        _check(m.compute_dtype in ("", self.model.dtype), "mstep.compute_dtype", m.compute_dtype, "empty" + why)
+        _check(not self.run.mesh, "run.mesh", self.run.mesh, "empty (TRL places the model itself)" + why)
+        _check(not self.run.report_to, "run.report_to", list(self.run.report_to), "empty" + why)
 
     def arms(self) -> list[tuple[str, int, "Config"]]:
         """The comparison's runs: (arm name, seed, that run's config), seeds outermost."""

@@ -112,6 +112,7 @@ class Objective:
     default_loss_agg: str = "token-mean"
     default_reset_optimizer: bool = True
     allows_kl: bool = True
+    trl_trainer: str = ""  # the TRL trainer that implements it (run.trainer=trl, fem_jax.trl_run); "" for none
     doc: str = ""
 
     def __post_init__(self):
@@ -140,6 +141,11 @@ class Objective:
             bad.append(("mstep.beta", mstep.beta, f"0: objective {self.name!r} has no KL term"))
         return bad
 
+
+# TRL's GRPOTrainer loss_type of our (loss_agg, loss_norm), for a run TRL trains (run.trainer=trl);
+# benchmarks/trl_grpo.py holds each pair to float32 agreement
+TRL_LOSS_TYPES = {("token-mean", "step"): "dapo", ("token-mean", "micro"): "bnpo",
+                  ("seq-mean-token-mean", "step"): "grpo", ("seq-mean-token-mean", "micro"): "grpo"}
 
 OBJECTIVES: dict[str, Objective] = {}
 
@@ -455,4 +461,5 @@ def grpo_loss(cfg: ObjectiveConfig, logps: jax.Array, batch: Batch) -> tuple[jax
 register(Objective(
     name="grpo", loss=grpo_loss, loop="steps", trains_on="all", advantages=grpo_advantages,
     old_logps=True, tempered=True, default_loss_agg="token-mean", default_reset_optimizer=False,
+    trl_trainer="GRPOTrainer",
     doc="GRPO as verl defines it: group-normalized advantages, clipped ratio to θ_old, k3 KL"))

@@ -21,7 +21,7 @@ generation with transformers, its loss, its AdamW); fem_jax feeds it and scores 
   without our seal was cut short and is deleted). Steps after it are redone; TRL's sampling
   after a resume is not promised to repeat the uninterrupted run's draws (ours is).
 
-The config, read as GRPOConfig (anything TRL cannot do is refused, naming the field):
+The config, read as GRPOConfig (anything TRL cannot do is refused by fem_jax.config, naming the field):
     estep.samples_per_prompt -> num_generations       estep.temperature, top_p, top_k -> the same
     estep.max_new_tokens -> max_completion_length    estep.prompts_per_step x N = one generation batch
     mstep.micro_batch_size -> per_device_train_batch_size
@@ -44,44 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
 from .console import Console
 
 SEAL = "fem_sealed"  # written into trl/checkpoint-N once TRL has finished saving it
-LOSS_TYPES = {("token-mean", "step"): "dapo", ("token-mean", "micro"): "bnpo",
-              ("seq-mean-token-mean", "step"): "grpo", ("seq-mean-token-mean", "micro"): "grpo"}
-
-
-def check(cfg: Config) -> list[tuple[str, object, str]]:
-    """(field, value, what it should be) for each setting a TRL run cannot honour."""
-    import importlib.util
-
-    m, e, bad = cfg.mstep, cfg.estep, []
-    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("torch") is None:
-        bad.append(("run.trainer", "trl", "fem_jax with this install: TRL and torch are in the test extra "
-                    "(pip install -e \".[test]\")"))
-    if m.objective != "grpo":
-        bad.append(("mstep.objective", m.objective, "grpo with run.trainer=trl (TRL's GRPOTrainer)"))
-    if (m.loss_agg, m.loss_norm) not in LOSS_TYPES:
-        bad.append(("mstep.loss_agg", f"{m.loss_agg} (loss_norm {m.loss_norm})",
-                    "token-mean or seq-mean-token-mean with run.trainer=trl (TRL's dapo, bnpo, grpo)"))
-    if m.lr_start != m.lr_end:
-        bad.append(("mstep.lr_end", m.lr_end, f"mstep.lr_start={m.lr_start} with run.trainer=trl (a constant rate)"))
-    if e.prompts_per_step * e.samples_per_prompt % m.batch_size:
-        bad.append(("mstep.batch_size", m.batch_size, f"a divisor of estep.prompts_per_step x samples_per_prompt = "
-                    f"{e.prompts_per_step * e.samples_per_prompt} with run.trainer=trl"))
-    if m.restart_from_base:
-        bad.append(("mstep.restart_from_base", True, "false with run.trainer=trl"))
-    if m.compute_dtype not in ("", cfg.model.dtype):
-        bad.append(("mstep.compute_dtype", m.compute_dtype, "empty with run.trainer=trl"))
-    if cfg.run.mesh:
-        bad.append(("run.mesh", cfg.run.mesh, "empty with run.trainer=trl (TRL places the model itself)"))
-    if cfg.run.report_to:
-        bad.append(("run.report_to", list(cfg.run.report_to), "empty with run.trainer=trl"))
-    if cfg.rollout.backend != "jax":
-        bad.append(("rollout.backend", cfg.rollout.backend, "jax with run.trainer=trl (TRL generates; "
-                    "our JaxEngine evaluates)"))
-    return bad
 
 
 class TrlRun:
@@ -89,14 +54,14 @@ class TrlRun:
 
     prefix = noun = "step"
 
-    def __init__(self, cfg: Config, out: Path, console: Console | None = None):
+    def __init__(self, cfg, out: Path, console: Console | None = None):
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # loading and saving bars between our own lines
 
         from .models import from_pretrained, resolve
-        from .rollout import make_engine
+        from .rollout.jax_engine import JaxEngine
         from .run_folder import RunFolder
         from .tasks import get_task
 
@@ -110,8 +75,8 @@ class TrlRun:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model = from_pretrained(self.model_dir, dtype=cfg.model.dtype)
         self.model_cfg = model.cfg
-        self.engine = make_engine("jax", model=model, tokenizer=self.tokenizer, model_dir=self.model_dir,
-                                  rollout_cfg=cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed)
+        # our evaluator's engine, whatever rollout.backend says (TRL samples for training itself)
+        self.engine = JaxEngine(model, self.tokenizer, max_batch=cfg.rollout.max_batch, chunk=cfg.rollout.chunk)
         m, e = cfg.mstep, cfg.estep
         self.updates = e.prompts_per_step * e.samples_per_prompt // m.batch_size * m.epochs  # per step
         self._draws: list[dict] = []
@@ -146,6 +111,7 @@ class TrlRun:
         from datasets import Dataset
         from transformers import PrinterCallback, TrainerCallback
 
+        from .objectives import TRL_LOSS_TYPES
         from .step_loop import step_examples
 
         c, m, e = self.cfg, self.cfg.mstep, self.cfg.estep
@@ -165,7 +131,7 @@ class TrlRun:
             learning_rate=m.lr_start, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
             adam_beta1=m.b1, adam_beta2=m.b2, weight_decay=m.weight_decay, max_grad_norm=m.grad_clip,
             bf16=c.model.dtype == "bfloat16", fp16=False, beta=m.beta, epsilon=m.clip_eps,
-            loss_type=LOSS_TYPES[(m.loss_agg, m.loss_norm)], scale_rewards="group",
+            loss_type=TRL_LOSS_TYPES[(m.loss_agg, m.loss_norm)], scale_rewards="group",
             temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_completion_length=e.max_new_tokens,
             mask_truncated_completions=False, shuffle_dataset=False, dataloader_num_workers=0,
             log_completions=False, model_init_kwargs={"dtype": dtype}, use_bias_correction_kl=False)

@@ -32,7 +32,6 @@ def _config(*sets):
     ("mstep.loss_agg=seq-mean-token-sum", "mstep.loss_agg"),
     ("mstep.batch_size=16", "mstep.batch_size"),
     ("run.mesh=fsdp=1", "run.mesh"),
-    ("rollout.backend=vllm", "rollout.backend"),
 ])
 def test_settings_trl_cannot_honour_are_refused_by_name(setting, field):
     one_run = [s for s in SETS if not s.startswith("compare.")] + ["mstep.objective=grpo", "run.trainer=trl"]
