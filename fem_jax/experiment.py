@@ -193,7 +193,11 @@ class Experiment:
         if not batches:
             self.console(f"warning: {self._name(k)}: nothing to train on ({len(draws)} draws, none trained on); "
                          "the M-step is skipped")
-        if self.spec.old_logps:
+        if self.spec.old_logps and len(batches) == 1:
+            # one update: θ_old is the θ it differentiates at, so the loss reads its own log-probs
+            # (detached; ratio 1) and no forward pass is spent on them (TRL's num_iterations=1)
+            del batches[0]["old_logps"]
+        elif self.spec.old_logps:
             self.trainer.fill_old_logps(batches)
         bar = self.console.bar(len(batches), f"{self._name(k)} M-step")
         log_step = self._log_optimizer_step(k)

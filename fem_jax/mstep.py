@@ -18,7 +18,8 @@
   once per round over all its trained draws, or over each step's batch with
   `stats_over=update`), `old_logps` (θ_old's log-probs, computed
   here before the round's first update, at the sampling temperature when the objective
-  is `tempered`, as verl's actor does).
+  is `tempered`, as verl's actor does; a round of one update drops them and its loss uses
+  its own detached log-probs, the same values without a forward pass).
 - With a mesh, parameters and optimizer state follow fem_jax.sharding's table and the
   batch is split over (data, fsdp).
 - The learning rate is a hyperparameter in the optimizer state (optax.inject_hyperparams):
@@ -39,19 +40,8 @@ import optax
 
 from . import objectives
 from .config import MStepCfg
-from .models.transformer import ModelConfig, forward, param_shapes
+from .models.transformer import ModelConfig, param_shapes, token_logps
 
-try:  # TEMPORARY: until transformer.token_logps (chunked) lands
-    from .models.transformer import token_logps
-except ImportError:
-    def token_logps(cfg, params, input_ids, attention_mask=None, *, temperature=1.0, remat="none", constrain=None):
-        logits, _ = forward(cfg, params, input_ids, attention_mask, remat=remat not in ("none", False),
-                            constrain=constrain)
-        logits = logits / temperature
-        targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return (picked - logz).at[:, -1].set(0.0)
 from .sharding import RULES, constrainer, logical_to_spec
 
 

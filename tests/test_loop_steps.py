@@ -100,6 +100,27 @@ def test_step_loop_weights_each_row_by_its_draws_advantage(objective, tmp_path, 
     assert all(len(p) == 3 for p in seen_prompts) and seen_prompts[0] != seen_prompts[1]  # a new batch each step
 
 
+@pytest.mark.parametrize("batch_size,filled", [(4, True), (12, False)])
+def test_grpo_computes_old_log_probs_only_for_rounds_of_several_updates(batch_size, filled, tmp_path, monkeypatch):
+    """12 draws per step: batches of 4 are three updates (θ_old's log-probs filled in before
+    the first), one batch of 12 is one update (θ_old = θ: the loss reads its own, none filled)."""
+    from fem_jax.mstep import Trainer
+
+    calls, seen = [], []
+    orig_fill, orig_train = Trainer.fill_old_logps, Trainer.train
+    monkeypatch.setattr(Trainer, "fill_old_logps", lambda self, b: (calls.append(len(b)), orig_fill(self, b))[1])
+
+    def spy_train(self, batches, progress=None):
+        seen.append([("old_logps" in b, bool(b.get("old_logps", np.zeros(1)).any())) for b in batches])
+        return orig_train(self, batches, progress)
+
+    monkeypatch.setattr(Trainer, "train", spy_train)
+    out = tmp_path / "run"
+    assert _cli().main(_args(out, "mstep.objective=grpo", f"mstep.batch_size={batch_size}")) == 0
+    assert calls == ([3, 3, 3] if filled else [])
+    assert seen == ([[(True, True)] * 3] * 3 if filled else [[(False, False)]] * 3)
+
+
 def test_each_step_samples_from_the_previous_steps_weights(tmp_path, monkeypatch):
     from fem_jax import rollout
     from fem_jax.checkpoint import Checkpointer

@@ -148,3 +148,23 @@ def test_update_statistics_are_each_steps_own():
                 np.testing.assert_allclose(adv, [whole[x] for x in r], atol=1e-6)
         assert any(not np.allclose(bt["advantages"].reshape(-1), [whole[x] for x in bt["rewards"].reshape(-1)])
                    for bt in batches) == (over == "update")
+
+
+def test_one_update_without_old_log_probs_is_the_update_with_them():
+    """A round of one update drops `old_logps` (fem_jax.experiment): the loss then reads its
+    own detached log-probs, which must give the update θ_old's filled-in log-probs give."""
+    cfg = MStepCfg(objective="grpo", loss_agg="token-mean", reset_optimizer=False, batch_size=4, micro_batch_size=2,
+                   length_bucket=8, grad_clip=0.0)
+    b = batch(cfg)
+    b["advantages"] = np.random.default_rng(1).normal(size=b["advantages"].shape).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        filled = Trainer(CFG, params(), cfg, temperature=0.7)
+        fb = {k: v.copy() for k, v in b.items()}
+        filled.fill_old_logps([fb])
+        m_filled = filled.step(fb)
+        dropped = Trainer(CFG, params(), cfg, temperature=0.7)
+        m_dropped = dropped.step({k: v for k, v in b.items() if k != "old_logps"})
+    assert m_dropped["grad_norm"] > 0
+    assert m_dropped["grad_norm"] == pytest.approx(m_filled["grad_norm"], rel=1e-4)
+    for k in filled.params:
+        np.testing.assert_allclose(dropped.params[k], filled.params[k], rtol=1e-5, atol=1e-7)
