@@ -610,12 +610,17 @@ def paper_tables(runs: list[Run]) -> dict:
                                     + (f" (missing {', '.join(map(str, missing))})" if missing else ""))
             out_rows.append(row)
         table_ = {"kind": tkey[0], "task": tkey[1] if len(tkey) > 1 else None, "columns": columns,
-                  "seeds": seeds, "rows": out_rows, "comparisons": []}
+                  "seeds": seeds, "rows": out_rows, "comparisons": [], "paired": []}
         if tkey[0] == "iterations":
             for suffix in sorted({re.sub(r"^pps", "", c) for c in columns if c.startswith("pps")}):
                 a, b = "pps" + suffix, "star" + suffix
                 if b in columns:
                     table_["comparisons"].append(win_count(out_rows, a, b))
+                    table_["paired"] += paired(out_rows, a, b)
+        else:  # every pair of objectives, in the table's column order
+            for i, a in enumerate(columns):
+                for b in columns[i + 1:]:
+                    table_["paired"] += paired(out_rows, a, b)
         tables.append(table_)
     return {"tables": tables, "warnings": warnings, "runs": [str(r.folder) for r in runs],
             "score": {"iterations": "highest test accuracy over iterations 1..K (iteration 0 is Base)",
@@ -640,6 +645,32 @@ def win_count(rows: Sequence[Mapping], a: str, b: str) -> dict:
     n = wins + losses + ties
     return {"a": a, "b": b, "wins": wins, "losses": losses, "ties": ties, "n": n,
             "p_value": binomial_tail(wins, n) if n else None}
+
+
+def paired(rows: Sequence[Mapping], a: str, b: str) -> list[dict]:
+    """Column a against column b in each row, paired by seed (the same seed gives both arms
+    the same start, data order and first draws): the per-seed differences a - b, their mean
+    and standard error, and the two-sided paired t-test's p-value (df = seeds - 1; None
+    below two seeds or when every difference is equal)."""
+    out = []
+    for row in rows:
+        ca, cb = row["cells"].get(a), row["cells"].get(b)
+        if ca is None or cb is None:
+            continue
+        seeds = sorted(set(ca["per_seed"]) & set(cb["per_seed"]))
+        if not seeds:
+            continue
+        d = [ca["per_seed"][s] - cb["per_seed"][s] for s in seeds]
+        m, se = mean_se(d)
+        p = None
+        if se:
+            from scipy import stats  # a dependency of jax
+
+            p = float(2 * stats.t.sf(abs(m / se), len(d) - 1))
+        out.append({"model": row["model"], "task": row["task"], "metric": row["metric"], "a": a, "b": b,
+                    "seeds": seeds, "diff_per_seed": dict(zip(seeds, d)), "diff_mean": m, "diff_se": se,
+                    "p_value": p})
+    return out
 
 
 def _cell(stat: Mapping | None, pct: bool, common_n: int) -> str:
@@ -682,6 +713,16 @@ def render_tables(data: Mapping) -> str:
             out.append(f"\n{la} vs {lb}: {la} higher in {c['wins']} of {c['n']} rows, {lb} in {c['losses']}, "
                        f"tied in {c['ties']}; one-sided binomial p = P(X ≥ {c['wins']} | n = {c['n']}, 1/2) = "
                        f"{_p(c['p_value'])} (ties count as non-wins, as in the FEM paper, Section 4.2).")
+        if t.get("paired"):
+            scale, digits, unit = (100, 2, " points") if fem else (1, 3, "")
+            out.append("\nPaired by seed (difference of the two columns' scores per seed; mean ± s.e.; "
+                       "two-sided paired t-test, df = seeds - 1):\n")
+            for c in t["paired"]:
+                where = c["model"] + " · " + (c["metric"] or c["task"] if fem else c["task"])
+                se = f" ± {scale * c['diff_se']:.{digits}f}" if c["diff_se"] is not None else ""
+                per = ", ".join(f"{s}: {scale * v:+.{digits}f}" for s, v in c["diff_per_seed"].items())
+                out.append(f"- {where}: {column_label(c['a'])} − {column_label(c['b'])} = "
+                           f"{scale * c['diff_mean']:+.{digits}f}{se}{unit} ({per}); p = {_p(c['p_value'])}")
         out.append("")
     if data["warnings"]:
         out.append("## Warnings\n")

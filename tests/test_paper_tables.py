@@ -279,3 +279,23 @@ def test_cli_writes_table_and_figures(sweep, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["curves-Model-A-helpsteer2-correctness.png", "curves-Model-A-helpsteer2-helpfulness.png",
                      "table.json", "table.md"]
+
+
+def test_step_loop_objectives_are_compared_paired_by_seed(tmp_path):
+    """EMPG − GRPO per seed: +0.10, +0.04, +0.13; mean, s.e. and the two-sided paired t-test
+    with df = 2, whose p has a closed form: 1 − |t| / sqrt(2 + t²)."""
+    gaps = {257: 0.10, 521: 0.04, 1031: 0.13}
+    for seed, gap in gaps.items():
+        for obj, final in (("empg", 0.5 + gap), ("grpo", 0.5)):
+            write_run(tmp_path / f"{obj}_{seed}", step_rows(final + seed / 1e5, 50.0), model="Qwen/Q-1.5B",
+                      task="gsm8k", metric=None, scheme="rs", seed=seed, objective=obj)
+    text, data = report.paper_table([tmp_path], plots=False)
+    (c,) = data["tables"][0]["paired"]
+    d = list(gaps.values())
+    mean = sum(d) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 2 / 3)
+    assert (c["a"], c["b"], c["seeds"]) == ("empg", "grpo", [257, 521, 1031])
+    assert c["diff_mean"] == pytest.approx(mean) and c["diff_se"] == pytest.approx(se)
+    t = mean / se
+    assert c["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
+    assert f"EMPG − GRPO = +{mean:.3f} ± {se:.3f} (257: +0.100, 521: +0.040, 1031: +0.130); p = " in text
