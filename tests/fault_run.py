@@ -10,13 +10,13 @@ extra arguments (`--set k=v`, `--mesh`, ...) follow these and win. The model and
 compilation cache live in $FEM_JAX_CACHE.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's fem_jax, whatever is installed
 
+from launch_cli import load  # noqa: E402
 from toy_tasks import register  # noqa: E402
 
 BASE = ["--config", str(HERE.parent / "configs" / "tiny.yaml"), "--set", "model.path=tiny-random-llama",
@@ -25,7 +25,5 @@ BASE = ["--config", str(HERE.parent / "configs" / "tiny.yaml"), "--set", "model.
 
 if __name__ == "__main__":
     register()
-    spec = importlib.util.spec_from_file_location("run_cli", HERE.parent / "launch" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load()
     sys.exit(cli.main(BASE + ["--out", sys.argv[1]] + sys.argv[2:]))

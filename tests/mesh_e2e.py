@@ -3,7 +3,6 @@
     python tests/mesh_e2e.py OUT [MESH]
 """
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,12 +11,11 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from launch_cli import load  # noqa: E402
 from toy_tasks import register  # noqa: E402
 
 register()
-spec = importlib.util.spec_from_file_location("run_cli", HERE.parent / "launch" / "run.py")
-cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cli)
+cli = load()
 out, mesh = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
 args = ["--config", str(HERE.parent / "configs" / "tiny.yaml"), "--set", "task.name=even_length",
         "--set", "task.options={n_train: 16, n_test: 8}", "--out", out]

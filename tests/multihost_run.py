@@ -24,7 +24,6 @@ Test hooks, from the environment:
                          checkpoint chunks, is not seen).
 """
 
-import importlib.util
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from launch_cli import load  # noqa: E402
 from toy_tasks import register  # noqa: E402
 
 BASE = ["--config", str(HERE.parent / "configs" / "tiny.yaml"), "--set", "model.path=tiny-random-llama",
@@ -98,7 +98,5 @@ if __name__ == "__main__":
         lag(rank, float(os.environ["FEM_JAX_TEST_LAG"]))
     if os.environ.get("FEM_JAX_TEST_WRITES"):
         record_writes(out, f"{os.environ['FEM_JAX_TEST_WRITES']}.rank{rank}")
-    spec = importlib.util.spec_from_file_location("run_cli", HERE.parent / "launch" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load()
     sys.exit(cli.main(BASE + ["--out", out] + extra))

@@ -5,7 +5,6 @@ registered objective runs through the CLI with nothing but its registration."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,14 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from launch_cli import load
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("run_cli", ROOT / "launch" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
 
 
 def _args(out, *sets):
@@ -81,7 +77,7 @@ def test_step_loop_weights_each_row_by_its_draws_advantage(objective, tmp_path, 
 
     monkeypatch.setattr(Trainer, "train", spy_train)
     out = tmp_path / "run"
-    assert _cli().main(_args(out, f"mstep.objective={objective}")) == 0
+    assert load().main(_args(out, f"mstep.objective={objective}")) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert [r.get("test_accuracy") is not None for r in rows] == [True, False, True, True]  # every 2, and the last
@@ -116,7 +112,7 @@ def test_grpo_computes_old_log_probs_only_for_rounds_of_several_updates(batch_si
 
     monkeypatch.setattr(Trainer, "train", spy_train)
     out = tmp_path / "run"
-    assert _cli().main(_args(out, "mstep.objective=grpo", f"mstep.batch_size={batch_size}")) == 0
+    assert load().main(_args(out, "mstep.objective=grpo", f"mstep.batch_size={batch_size}")) == 0
     assert calls == ([3, 3, 3] if filled else [])
     assert seen == ([[(True, True)] * 3] * 3 if filled else [[(False, False)]] * 3)
 
@@ -137,7 +133,7 @@ def test_each_step_samples_from_the_previous_steps_weights(tmp_path, monkeypatch
 
     monkeypatch.setattr(rollout, "make_engine", lambda backend, **kw: Recording(kw["model"], kw["tokenizer"]))
     out = tmp_path / "run"
-    assert _cli().main(_args(out, "mstep.objective=empg", "eval.every=1")) == 0
+    assert load().main(_args(out, "mstep.objective=empg", "eval.every=1")) == 0
     theta = {0: float(np.asarray(from_pretrained(resolve("tiny-random-llama")).param_dict()["embed"],
                                  np.float64).sum())}
     ck = Checkpointer(out / "checkpoints", create=False)
@@ -172,7 +168,7 @@ def test_a_registered_toy_objective_runs_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setitem(objectives.OBJECTIVES, "toy_rwsft", objectives.Objective(
         name="toy_rwsft", loss=reward_weighted_sft, loop="steps", trains_on="all", advantages=advantages))
     out = tmp_path / "run"
-    assert _cli().main(_args(out, "mstep.objective=toy_rwsft", "run.iterations=2")) == 0
+    assert load().main(_args(out, "mstep.objective=toy_rwsft", "run.iterations=2")) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["optimizer_steps"] > 0 and r["trained"] == 12 for r in rows[1:])
@@ -189,7 +185,7 @@ def test_a_step_loop_killed_between_checkpoints_resumes_to_the_same_metrics(tmp_
 
     sets = ("mstep.objective=grpo", "run.iterations=4", "run.save_every=2", "eval.every=2")
     ref = tmp_path / "ref"
-    assert _cli().main(_args(ref, *sets)) == 0
+    assert load().main(_args(ref, *sets)) == 0
     out = tmp_path / "run"
     orig = loop_lib.Experiment.mstep
 
@@ -204,9 +200,9 @@ def test_a_step_loop_killed_between_checkpoints_resumes_to_the_same_metrics(tmp_
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(loop_lib.Experiment, "mstep", boom)
         with pytest.raises(Killed):
-            _cli().main(_args(out, *sets))
+            load().main(_args(out, *sets))
     assert (out / "step_3" / "rollouts.jsonl").exists() and not (out / "step_3" / "metrics.json").exists()
-    assert _cli().main(_args(out, *sets)) == 0
+    assert load().main(_args(out, *sets)) == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k not in loop_lib.TIMING_KEYS} for r in rows]  # noqa: E731
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(read(out)) == strip(read(ref))

@@ -6,12 +6,13 @@ as its own column, and a longer run resumes from TRL's last sealed checkpoint.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from launch_cli import load
 
 from fem_jax import config as config_lib
 
@@ -56,11 +57,6 @@ def test_trl_arm_is_its_own_arm_and_sweep_run():
     assert [r.name for r in runs] == ["tiny/grpo_seed257", "tiny/grpo-trl_seed257"]
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("run_cli", ROOT / "launch" / "run.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
 
 
 def _args(out, *sets):
@@ -82,7 +78,7 @@ def test_trl_arm_beside_ours_same_prompts_our_evaluator_resumes(tmp_path, toy_ta
 
     jax.config.update("jax_default_matmul_precision", "highest")  # greedy parity in float32
     out = tmp_path / "cmp"
-    assert _cli().main(_args(out)) == 0
+    assert load().main(_args(out)) == 0
     ours, trl = out / "grpo_seed257", out / "grpo-trl_seed257"
     rows = [json.loads(x) for x in (trl / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -122,7 +118,7 @@ def test_trl_arm_beside_ours_same_prompts_our_evaluator_resumes(tmp_path, toy_ta
     # resume: one more step continues from TRL's last sealed checkpoint; a checkpoint cut short is dropped
     step1 = (trl / "step_1" / "metrics.json").read_text()
     (trl / "trl" / "checkpoint-7").mkdir()
-    assert _cli().main(_args(out, "run.iterations=3")) == 0
+    assert load().main(_args(out, "run.iterations=3")) == 0
     log = capsys.readouterr().out
     assert "resuming" in log and "checkpoint-2" in log and not (trl / "trl" / "checkpoint-7").exists()
     assert (trl / "step_1" / "metrics.json").read_text() == step1
