@@ -41,7 +41,6 @@ import optax
 from . import objectives
 from .config import MStepCfg
 from .models.transformer import ModelConfig, param_shapes, token_logps
-
 from .sharding import RULES, constrainer, logical_to_spec
 
 

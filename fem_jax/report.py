@@ -673,10 +673,20 @@ def paired(rows: Sequence[Mapping], a: str, b: str) -> list[dict]:
     return out
 
 
+def _scale(pct: bool) -> tuple[int, int]:
+    """(factor, decimals) of a table's numbers: FEM tables in percent, step-loop tables as fractions."""
+    return (100, 2) if pct else (1, 3)
+
+
+def _row_label(row: Mapping, fem: bool) -> str:
+    """A table row's second column: the metric (FEM), the task and its metric (step loop)."""
+    return (row["metric"] or "–") if fem else row["task"] + (f" ({row['metric']})" if row["metric"] else "")
+
+
 def _cell(stat: Mapping | None, pct: bool, common_n: int) -> str:
     if stat is None:
         return "–"
-    scale, digits = (100, 2) if pct else (1, 3)
+    scale, digits = _scale(pct)
     text = f"{scale * stat['mean']:.{digits}f}"
     if stat["se"] is not None:
         text += f" ± {scale * stat['se']:.{digits}f}"
@@ -701,8 +711,7 @@ def render_tables(data: Mapping) -> str:
         out.append("| " + " | ".join(head) + " |")
         out.append("|---|---|" + "---:|" * (len(head) - 2))
         for row in t["rows"]:
-            second = (row["metric"] or "–") if fem else row["task"] + (f" ({row['metric']})" if row["metric"] else "")
-            out.append("| " + " | ".join([row["model"], second, _cell(row["base"], fem, common),
+            out.append("| " + " | ".join([row["model"], _row_label(row, fem), _cell(row["base"], fem, common),
                                           *(_cell(row["cells"].get(c), fem, common) for c in cols)]) + " |")
         seeds = ", ".join(map(str, t["seeds"]))
         out.append(f"\nMean ± standard error over seeds ({seeds}; n = {common} per cell unless marked). "
@@ -714,11 +723,11 @@ def render_tables(data: Mapping) -> str:
                        f"tied in {c['ties']}; one-sided binomial p = P(X ≥ {c['wins']} | n = {c['n']}, 1/2) = "
                        f"{_p(c['p_value'])} (ties count as non-wins, as in the FEM paper, Section 4.2).")
         if t.get("paired"):
-            scale, digits, unit = (100, 2, " points") if fem else (1, 3, "")
+            (scale, digits), unit = _scale(fem), " points" if fem else ""
             out.append("\nPaired by seed (difference of the two columns' scores per seed; mean ± s.e.; "
                        "two-sided paired t-test, df = seeds - 1):\n")
             for c in t["paired"]:
-                where = c["model"] + " · " + (c["metric"] or c["task"] if fem else c["task"])
+                where = c["model"] + " · " + ((c["metric"] or c["task"]) if fem else _row_label(c, fem))
                 se = f" ± {scale * c['diff_se']:.{digits}f}" if c["diff_se"] is not None else ""
                 per = ", ".join(f"{s}: {scale * v:+.{digits}f}" for s, v in c["diff_per_seed"].items())
                 out.append(f"- {where}: {column_label(c['a'])} − {column_label(c['b'])} = "
