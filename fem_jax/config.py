@@ -39,7 +39,7 @@ class TaskCfg:
 @dataclasses.dataclass(frozen=True)
 class EStepCfg:
     scheme: str = "rs"  # rs | star | pps, and hint wordings pps2 pps3 star2 star3
-    budget: int = 1  # M: rejection-sampling tries per example (rs); the FEM paper's tables use M = 1
+    budget: int = 1  # M: tries per example, hint-free (rs) or hinted (pps; M > 1 is ours); the paper's tables use M = 1
     samples_per_prompt: int = 1  # N draws per prompt (policy-gradient objectives want several)
     prompts_per_step: int = 0  # prompts per policy-gradient step (objectives whose loop is "steps")
     temperature: float = 0.7

@@ -3,7 +3,9 @@
 Proposals of "Learning to Reason in LLMs by Expectation Maximization" (Section 3):
 - `rs`: rejection sampling with budget M (Algorithm 2): draw from π(·|x) until correct, at
   most M tries;
-- `pps` (`pps2`, `pps3`: the hint wordings of Appendix C): one draw from π(·|x + hint(y*));
+- `pps` (`pps2`, `pps3`: the hint wordings of Appendix C): one draw from π(·|x + hint(y*)),
+  the paper's PPS; with budget M > 1 (ours, an ablation: README "Why STaR beats PPS here"),
+  up to M hinted draws, each round only for the examples still without an accepted draw;
 - `star` (`star2`, `star3`): one `rs` try, then one `pps` try for the misses
   (rationalization; Algorithm 3).
 Policy-gradient objectives (EMPG's Algorithm 1) draw N = `samples_per_prompt` samples per
@@ -77,7 +79,7 @@ def plan(scheme: str, budget: int) -> list[str | None]:
     if base == "rs":
         return [None] * budget
     if base == "pps":
-        return [variant]
+        return [variant] * budget
     return [None, variant]
 
 

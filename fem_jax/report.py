@@ -3,6 +3,7 @@ papers' result tables over many run folders.
 
     python -m fem_jax.report paper-table RUN_DIR... [--out DIR] [--no-plots]   (alias: tables)
     python -m fem_jax.report draws RUN_DIR      per round: rewarded, cut-off, tokens by advantage sign
+    python -m fem_jax.report pairs RUN_DIR...   FEM: what each column trains on, per iteration
     python -m fem_jax.report summary RUN_DIR...      # rewrite summary.md and curves.png
 
 A run folder is a folder with config.yaml and metrics.jsonl (written by fem_jax.loop); the
@@ -418,6 +419,9 @@ class Run:
     iterations: int | None
     trainer: str = "fem_jax"
     column: str = ""
+    reject_leaks: bool = False  # estep.reject_hint_leaks
+    options: dict | None = None  # task.options, less the split sizes and the metric
+    variant: str = ""  # what sets its task apart from others of the same name in a table (_variants)
 
     @property
     def steps(self) -> bool:
@@ -504,7 +508,14 @@ def read_run(folder: Path) -> Run:
                objective=str(section("mstep").get("objective") or ""),
                restart=bool(section("mstep").get("restart_from_base")), seed=_need(cfg, "run.seed", cpath, (int,)),
                iterations=iterations if isinstance(iterations, int) else None,
-               trainer=str(section("run").get("trainer") or "fem_jax"))
+               trainer=str(section("run").get("trainer") or "fem_jax"),
+               reject_leaks=bool(section("estep").get("reject_hint_leaks")),
+               options={k: v for k, v in section("task", "options").items() if k not in _SPLIT_OPTIONS})
+
+
+# task options that do not make a different task: the split sizes (n_test shows in the
+# tables' n) and the metric (a row of its own)
+_SPLIT_OPTIONS = ("n_train", "n_test", "metric")
 
 
 # ---------------------------------------------------------------- the papers' tables
@@ -515,15 +526,34 @@ FAMILY = ["rs", "star", "pps", "empg", "grpo"]
 
 def _columns(runs: list[Run]) -> None:
     """A FEM run's column is its E-step scheme (RS with its budget M when the set has several
-    budgets, as in Table 3; `+restart` for STaR restarted from the base model); another
-    objective's column is the objective."""
+    budgets, as in Table 3; PPS with its budget when M > 1, our ablation; `+restart` for STaR
+    restarted from the base model, `+noleaks` for hinted draws that repeat the hint
+    rejected); another objective's column is the objective. Then `_variants`."""
     budgets = {r.budget for r in runs if not r.steps and r.scheme == "rs"}
     for r in runs:
         if r.steps:  # a policy-gradient step loop: its column is the objective
             r.column = r.objective + ("-trl" if r.trainer == "trl" else "")  # TRL's trainer: its own column
         else:
-            r.column = r.scheme + (f"-{r.budget}" if r.scheme == "rs" and len(budgets) > 1 else "")
+            r.column = r.scheme + (f"-{r.budget}" if r.scheme == "rs" and len(budgets) > 1
+                                   or r.scheme.startswith("pps") and (r.budget or 1) > 1 else "")
             r.column += "+restart" if r.restart else ""
+            r.column += "+noleaks" if r.reject_leaks else ""
+    _variants(runs)
+
+
+def _variants(runs: list[Run]) -> None:
+    """Runs of one model, task name and metric whose task options differ (sums of three
+    numbers beside the default's two or three) are rows of their own, labelled by the
+    options that differ: "operands=3" (a run without the option: "operands default")."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.steps, r.model, r.task, r.metric), []).append(r)
+    for group in groups.values():
+        keys = sorted({k for r in group for k in (r.options or {})})
+        differ = [k for k in keys if len({json.dumps((r.options or {}).get(k), sort_keys=True) for r in group}) > 1]
+        for r in group:
+            opts = r.options or {}
+            r.variant = ", ".join(f"{k}={opts[k]}" if k in opts else f"{k} default" for k in differ)
 
 
 def _column_order(name: str):
@@ -534,11 +564,19 @@ def _column_order(name: str):
 
 
 def column_label(name: str) -> str:
+    """rs-3 -> RS-3 (Table 3), pps2 -> PPS2 (Table 4's wording), pps-2 -> PPS (M=2) (our
+    ablation, apart from PPS2), star+restart -> STaR+restart, pps+noleaks -> PPS (no leaks)."""
     m = re.match(r"([a-z]+)(.*)", name)
     if not m:
         return name
-    return (NAMES.get(m.group(1), m.group(1).upper())
-            + m.group(2).upper().replace("+RESTART", "+restart").replace("-TRL", " (TRL)"))
+    fam, rest = m.groups()
+    notes = []
+    if fam == "pps" and (b := re.match(r"(\d*)-(\d+)(.*)", rest)):
+        rest, notes = b.group(1) + b.group(3), [f"M={b.group(2)}"]
+    if rest.endswith("+noleaks"):
+        rest, notes = rest[:-len("+noleaks")], notes + ["no leaks"]
+    return (NAMES.get(fam, fam.upper()) + rest.upper().replace("+RESTART", "+restart").replace("-TRL", " (TRL)")
+            + (f" ({', '.join(notes)})" if notes else ""))
 
 
 def _metric_order(task: str, metric: str):
@@ -567,10 +605,11 @@ def paper_tables(runs: list[Run]) -> dict:
     owner: dict[tuple, Path] = {}
     for r in runs:
         tkey = ("steps",) if r.steps else ("iterations", r.task)
-        rkey = (r.model, r.task, r.metric)
+        rkey = (r.model, r.task, r.metric, r.variant)
         cell = (tkey, rkey, r.column, r.seed)
         if cell in owner:
-            raise ReportError(f"{r.folder} and {owner[cell]}: two runs of {r.model} · {r.task} {r.metric} · "
+            raise ReportError(f"{r.folder} and {owner[cell]}: two runs of {r.model} · {r.task} {r.metric} "
+                              f"{r.variant} · "
                               f"{r.column} · seed {r.seed}; give only one of them")
         owner[cell] = r.folder
         b = base_score(r.rows)
@@ -595,17 +634,20 @@ def paper_tables(runs: list[Run]) -> dict:
         columns = sorted({c for row in rows_.values() for c in row}, key=_column_order)
         seeds = sorted({s for row in rows_.values() for col in row.values() for s in col})
         out_rows = []
-        for rkey in sorted(set(rows_) | set(bases.get(tkey, {})),
-                           key=lambda k: (k[0], k[1], _metric_order(k[1], k[2]))):
+        rkeys = sorted(set(rows_) | set(bases.get(tkey, {})), key=lambda k: (k[0], k[1], _metric_order(k[1], k[2]), k[3]))
+        for rkey in rkeys:
+            # a row of a task variant (an ablation) shows only the columns it ran: no warning for the others
+            variant_rows = any(k[:3] == rkey[:3] and k != rkey for k in rkeys)
             per_seed_base = {s: sum(v) / len(v) for s, v in bases.get(tkey, {}).get(rkey, {}).items()}
-            row = {"model": rkey[0], "task": rkey[1], "metric": rkey[2],
+            row = {"model": rkey[0], "task": rkey[1], "metric": rkey[2], "variant": rkey[3],
                    "base": _stat(per_seed_base) if per_seed_base else None,
                    "cells": {c: _stat(rows_[rkey][c]) for c in columns if c in rows_.get(rkey, {})}}
             for c in columns:
                 got = row["cells"].get(c, {}).get("seeds", [])
-                if got != seeds:
+                if got != seeds and not (variant_rows and not got):
                     missing = sorted(set(seeds) - set(got))
-                    warnings.append(f"{rkey[0]} · {rkey[1]}{' ' + rkey[2] if rkey[2] else ''} · {column_label(c)}: "
+                    where = " ".join(x for x in rkey[1:] if x)
+                    warnings.append(f"{rkey[0]} · {where} · {column_label(c)}: "
                                     f"seeds {', '.join(map(str, got)) or 'none'}"
                                     + (f" (missing {', '.join(map(str, missing))})" if missing else ""))
             out_rows.append(row)
@@ -617,6 +659,8 @@ def paper_tables(runs: list[Run]) -> dict:
                 if b in columns:
                     table_["comparisons"].append(win_count(out_rows, a, b))
                     table_["paired"] += paired(out_rows, a, b)
+                else:  # an ablation of PPS (more tries, leaks rejected): against STaR and the paper's PPS
+                    table_["paired"] += [x for ref in ("star", "pps") if ref in columns for x in paired(out_rows, a, ref)]
         else:  # every pair of objectives, in the table's column order
             for i, a in enumerate(columns):
                 for b in columns[i + 1:]:
@@ -667,7 +711,8 @@ def paired(rows: Sequence[Mapping], a: str, b: str) -> list[dict]:
             from scipy import stats  # a dependency of jax
 
             p = float(2 * stats.t.sf(abs(m / se), len(d) - 1))
-        out.append({"model": row["model"], "task": row["task"], "metric": row["metric"], "a": a, "b": b,
+        out.append({"model": row["model"], "task": row["task"], "metric": row["metric"],
+                    "variant": row.get("variant", ""), "a": a, "b": b,
                     "seeds": seeds, "diff_per_seed": dict(zip(seeds, d)), "diff_mean": m, "diff_se": se,
                     "p_value": p})
     return out
@@ -679,8 +724,11 @@ def _scale(pct: bool) -> tuple[int, int]:
 
 
 def _row_label(row: Mapping, fem: bool) -> str:
-    """A table row's second column: the metric (FEM), the task and its metric (step loop)."""
-    return (row["metric"] or "–") if fem else row["task"] + (f" ({row['metric']})" if row["metric"] else "")
+    """A table row's second column: the metric (FEM), the task and its metric (step loop), and
+    the task options that set the row apart from others of the same task (`_variants`)."""
+    label = (row["metric"] or "") if fem else row["task"] + (f" ({row['metric']})" if row["metric"] else "")
+    variant = row.get("variant") or ""
+    return " · ".join(x for x in (label, variant) if x) or "–"
 
 
 def _cell(stat: Mapping | None, pct: bool, common_n: int) -> str:
@@ -727,7 +775,8 @@ def render_tables(data: Mapping) -> str:
             out.append("\nPaired by seed (difference of the two columns' scores per seed; mean ± s.e.; "
                        "two-sided paired t-test, df = seeds - 1):\n")
             for c in t["paired"]:
-                where = c["model"] + " · " + ((c["metric"] or c["task"]) if fem else _row_label(c, fem))
+                where = c["model"] + " · " + (_row_label(c, fem) if not fem or c["metric"] or c.get("variant")
+                                              else c["task"])
                 se = f" ± {scale * c['diff_se']:.{digits}f}" if c["diff_se"] is not None else ""
                 per = ", ".join(f"{s}: {scale * v:+.{digits}f}" for s, v in c["diff_per_seed"].items())
                 out.append(f"- {where}: {column_label(c['a'])} − {column_label(c['b'])} = "
@@ -761,7 +810,7 @@ def paper_table(paths: Sequence[str | Path], out: Path | None = None, plots: boo
         if plots:
             groups: dict[tuple, dict[str, dict[int, list[dict]]]] = {}
             for r in runs:
-                groups.setdefault((r.steps, r.model, r.task, r.metric), {}).setdefault(r.column, {})[r.seed] = r.rows
+                groups.setdefault((r.steps, r.model, r.task, r.metric, r.variant), {}).setdefault(r.column, {})[r.seed] = r.rows
             for (steps, *what), res in groups.items():
                 res = dict(sorted(res.items(), key=lambda kv: _column_order(kv[0])))
                 fig = comparison_figure({column_label(k): v for k, v in res.items()},
@@ -776,7 +825,8 @@ def paper_table(paths: Sequence[str | Path], out: Path | None = None, plots: boo
 
 def _title(run: Run) -> str:
     what = run.column or (run.objective if run.steps else run.scheme)
-    return f"{what} · seed {run.seed} · {run.model} · {run.task}" + (f" ({run.metric})" if run.metric else "")
+    return (f"{what} · seed {run.seed} · {run.model} · {run.task}" + (f" ({run.metric})" if run.metric else "")
+            + (f" [{run.variant}]" if run.variant else ""))
 
 
 # ---------------------------------------------------------------- what a run's draws hold
@@ -829,6 +879,44 @@ def draw_table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def pairs_table(paths: Sequence[str | Path]) -> str:
+    """What FEM trains on, per table row and column (as paper-table groups the runs) and
+    iteration, each a mean over the seeds' runs, from their rollouts.jsonl: the trained pairs,
+    the share of them drawn with the hint, the share that repeats the hint (Task.hint_leaked),
+    the share cut at the token limit, and their mean length in words."""
+    from .estep import read_draws
+
+    folders = find_runs(paths)
+    runs = [r for r in (read_run(f) for f in folders) if not r.steps]
+    if not runs:
+        raise ReportError(f"no FEM run folders (config.yaml + metrics.jsonl) under {', '.join(map(str, paths))}")
+    _columns(runs)
+    cells: dict[tuple, dict[int, list[dict]]] = {}
+    for r in runs:
+        for d in sorted(r.folder.glob("iter_*/rollouts.jsonl")):
+            k = int(d.parent.name.split("_")[1])
+            trained = [x for x in read_draws(d) if x.trained]
+            n = len(trained) or 1
+            cells.setdefault((r.model, r.task, r.metric, r.variant, r.column), {}).setdefault(k, []).append({
+                "pairs": len(trained), "hinted": sum(x.hinted for x in trained) / n,
+                "leaked": sum(x.leaked for x in trained) / n,
+                "cut": sum(x.finish_reason == "length" for x in trained) / n,
+                "words": sum(len(x.completion.split()) for x in trained) / n})
+    if not cells:
+        raise ReportError(f"no rollouts.jsonl in the FEM runs under {', '.join(map(str, paths))}")
+    lines = ["| model · task | column | iteration | seeds | pairs trained | from hinted draws | repeat the hint "
+             "| cut at limit | words |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in sorted(cells, key=lambda k: (k[:4], _column_order(k[4]))):
+        model, task, metric, variant, column = key
+        where = f"{model} · " + " · ".join(x for x in (task, metric, variant) if x)
+        for k, xs in sorted(cells[key].items()):
+            def avg(f):
+                return sum(x[f] for x in xs) / len(xs)
+            lines.append(f"| {where} | {column_label(column)} | {k} | {len(xs)} | {avg('pairs'):.1f} | "
+                         f"{avg('hinted'):.2f} | {avg('leaked'):.2f} | {avg('cut'):.2f} | {avg('words'):.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fem_jax.report", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -842,10 +930,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("draws", help="per round of a run folder: rewarded and cut-off shares, mean tokens by "
                        "advantage sign (draws above or below their batch's mean reward)")
     d.add_argument("run", metavar="RUN_DIR")
+    q = sub.add_parser("pairs", help="what FEM runs train on, per column and iteration (mean over seeds): pairs, "
+                       "shares drawn with the hint, repeating it and cut at the limit, words")
+    q.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders with run folders below them")
     args = p.parse_args(argv)
     try:
         if args.cmd == "draws":
             print(draw_table(Path(args.run)))
+            return 0
+        if args.cmd == "pairs":
+            print(pairs_table(args.runs))
             return 0
         if args.cmd == "summary":
             folders = find_runs(args.runs)

@@ -63,8 +63,9 @@ KW = dict(budget=3, samples_per_prompt=1, temperature=0.7, top_p=1.0, top_k=0, m
 
 def test_plan_of_each_scheme():
     assert plan("rs", 3) == [None, None, None]
-    assert plan("pps", 3) == ["pps"]
-    assert plan("pps3", 3) == ["pps3"]
+    assert plan("pps", 1) == ["pps"]  # the paper's PPS: one hinted draw
+    assert plan("pps", 3) == ["pps"] * 3  # ours (an ablation): up to M hinted draws
+    assert plan("pps3", 1) == ["pps3"]
     assert plan("star", 3) == [None, "pps"]
     assert plan("star2", 3) == [None, "pps2"]
     with pytest.raises(ValueError, match="scheme"):
@@ -82,7 +83,7 @@ def test_rejection_sampling_stops_at_first_success_within_budget():
 
 def test_pps_draws_once_with_the_hint_and_star_rationalizes_misses():
     eng = TableEngine({"Q a HINT[pps]=5": ["5"], "Q b HINT[pps]=7": ["6"], "Q c HINT[pps]=9": ["9"]})
-    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", **KW)
+    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", **{**KW, "budget": 1})
     assert [d.accepted for d in draws] == [True, False, True] and all(d.hinted for d in draws)
     assert [d.trained for d in draws] == [d.accepted for d in draws]
 
@@ -96,11 +97,24 @@ def test_pps_draws_once_with_the_hint_and_star_rationalizes_misses():
 
 def test_hint_leaks_are_kept_by_default_and_rejected_on_request():
     eng = TableEngine({"Q a HINT[pps]=5": ["the hint says 5"], "Q b HINT[pps]=7": ["7"], "Q c HINT[pps]=9": ["9"]})
-    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", **KW)
+    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", **{**KW, "budget": 1})
     assert draws[0].leaked and draws[0].accepted and draws[0].trained  # the paper keeps every correct draw
     eng = TableEngine({"Q a HINT[pps]=5": ["the hint says 5"], "Q b HINT[pps]=7": ["7"], "Q c HINT[pps]=9": ["9"]})
-    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", reject_hint_leaks=True, **KW)
+    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", reject_hint_leaks=True, **{**KW, "budget": 1})
     assert draws[0].leaked and not draws[0].accepted and not draws[0].trained and draws[0].reward == 1.0
+
+
+def test_pps_with_budget_draws_again_with_the_hint_for_its_misses_only():
+    """PPS with M = 2 (our ablation): a second hinted round for the examples whose first draw
+    was wrong or, with reject_hint_leaks, repeated the hint; none after an accepted draw."""
+    eng = TableEngine({"Q a HINT[pps]=5": ["5"], "Q b HINT[pps]=7": ["6", "7"],
+                       "Q c HINT[pps]=9": ["the hint is 9", "so 9"]})
+    draws = run_estep(StubTask(), eng, EXAMPLES, scheme="pps", reject_hint_leaks=True, **{**KW, "budget": 2})
+    assert eng.calls == [["Q a HINT[pps]=5", "Q b HINT[pps]=7", "Q c HINT[pps]=9"],
+                         ["Q b HINT[pps]=7", "Q c HINT[pps]=9"]]
+    assert [(d.example_id, d.round, d.hinted, d.accepted, d.trained) for d in draws] == [
+        ("a", 0, True, True, True), ("b", 0, True, False, False), ("c", 0, True, False, False),
+        ("b", 1, True, True, True), ("c", 1, True, True, True)]
 
 
 def test_policy_gradient_objectives_train_on_every_draw_with_its_reward():

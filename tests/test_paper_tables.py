@@ -29,10 +29,12 @@ BEST = {  # (model, metric) -> scheme -> best test accuracy of seed 257
 
 
 def write_run(folder: Path, rows, model="org/Model-A", task="helpsteer2", metric="helpfulness", scheme="pps",
-              seed=257, objective="fem", budget=1, iterations=3):
+              seed=257, objective="fem", budget=1, iterations=3, options=None, reject_hint_leaks=False):
     folder.mkdir(parents=True)
-    cfg = {"model": {"path": model}, "task": {"name": task, "options": {"metric": metric} if metric else {}},
-           "estep": {"scheme": scheme, "budget": budget}, "mstep": {"objective": objective},
+    options = {**({"metric": metric} if metric else {}), **(options or {})}
+    cfg = {"model": {"path": model}, "task": {"name": task, "options": options},
+           "estep": {"scheme": scheme, "budget": budget, "reject_hint_leaks": reject_hint_leaks},
+           "mstep": {"objective": objective},
            "run": {"iterations": iterations, "seed": seed}}
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -299,3 +301,67 @@ def test_step_loop_objectives_are_compared_paired_by_seed(tmp_path):
     t = mean / se
     assert c["p_value"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
     assert f"EMPG − GRPO = +{mean:.3f} ± {se:.3f} (257: +0.100, 521: +0.040, 1031: +0.130); p = " in text
+
+
+def _ablation_runs(root: Path) -> None:
+    """The embedded default's STaR, PPS and two ablations of PPS (M = 2; leaks rejected), and
+    STaR and PPS on a harder variant of the task (operands=3), each over three seeds; a cell's
+    best of seed s is its value below + 0.01 × (its seed's index)."""
+    arms = {"": {("star", 1, False): 0.38, ("pps", 1, False): 0.34, ("pps", 2, False): 0.36,
+                 ("pps", 1, True): 0.40},
+            "3": {("star", 1, False): 0.20, ("pps", 1, False): 0.25}}
+    for operands, cells in arms.items():
+        for (scheme, budget, no_leaks), best in cells.items():
+            for i, seed in enumerate(SEEDS):
+                name = f"{operands or 'default'}/{scheme}{budget}{no_leaks}_seed{seed}"
+                write_run(root / name, fem_rows(0.05, best + (0.01 * i if scheme == "pps" else 0.005 * i * i)),
+                          model="Model-A", task="arithmetic", metric=None, scheme=scheme, seed=seed, budget=budget,
+                          options={"n_train": 192, "n_test": 128, **({"operands": 3} if operands else {})},
+                          reject_hint_leaks=no_leaks)
+
+
+def test_ablations_of_pps_are_columns_and_a_task_variant_is_a_row(tmp_path):
+    _ablation_runs(tmp_path)
+    text, data = report.paper_table([tmp_path], plots=False)
+    (t,) = data["tables"]
+    assert t["columns"] == ["star", "pps", "pps+noleaks", "pps-2"] and not data["warnings"]
+    # the options that differ name the rows (n_train and n_test are alike, and never a variant)
+    assert [r["variant"] for r in t["rows"]] == ["operands default", "operands=3"]
+    assert "| Model | Metric | Base | STaR | PPS | PPS (no leaks) | PPS (M=2) |" in text
+    assert "| Model-A | operands=3 | 5.00 ± 0.00 | 20.83 ± 0.60 | 26.00 ± 0.58 | – | – |" in text
+    assert "PPS higher in 1 of 2 rows, STaR in 1" in text  # the variant is a row of its own
+    got = {(p["variant"], p["a"], p["b"]): p for p in t["paired"]}
+    v = "operands default"
+    assert set(got) == {(v, "pps", "star"), ("operands=3", "pps", "star"), (v, "pps+noleaks", "star"),
+                        (v, "pps+noleaks", "pps"), (v, "pps-2", "star"), (v, "pps-2", "pps")}
+    assert got[(v, "pps-2", "pps")]["diff_mean"] == pytest.approx(0.02) and got[(v, "pps-2", "pps")]["p_value"] is None
+    d = [0.05 + 0.01 * i - 0.005 * i * i for i in range(3)]  # PPS − STaR on operands=3, per seed
+    assert got[("operands=3", "pps", "star")]["diff_mean"] == pytest.approx(sum(d) / 3)
+    assert "- Model-A · operands=3: PPS − STaR = +5.17 ± 0.17 points" in text
+    assert "- Model-A · operands default: PPS (M=2) − PPS = +2.00 ± 0.00 points" in text
+
+
+def test_pairs_table_is_what_each_column_trains_on(tmp_path):
+    """Trained pairs, their hinted, leaked and cut-off shares and words, mean over seeds."""
+    from fem_jax.estep import Draw, write_draws
+    from fem_jax.io import atomic_write_text
+
+    _ablation_runs(tmp_path)
+
+    def draw(i, hinted, leaked, accepted=True, cut=False):
+        return Draw(f"e{i}", "pps", 0, hinted, "w " * (4 if leaked else 2), [1, 2], [0.0, 0.0],
+                    "length" if cut else "stop", 1, 1.0, leaked, accepted, accepted, i)
+
+    for i, seed in enumerate(SEEDS):  # STaR on the default task: seed i trains i + 2 pairs at iteration 1
+        d = [draw(0, False, False), draw(1, True, True, cut=True)] + [draw(j, True, False) for j in range(i)]
+        d.append(draw(9, True, False, accepted=False))
+        folder = tmp_path / f"default/star1False_seed{seed}/iter_1"
+        folder.mkdir()
+        write_draws(folder / "rollouts.jsonl", d, 1, atomic_write_text)
+    text = report.pairs_table([tmp_path])
+    n = [2, 3, 4]  # pairs per seed; hinted shares 1/2, 2/3, 3/4; one leaked and cut per seed
+    row = (f"| Model-A · arithmetic · operands default | STaR | 1 | 3 | 3.0 | {(1 / 2 + 2 / 3 + 3 / 4) / 3:.2f} | "
+           f"{sum(1 / k for k in n) / 3:.2f} | {sum(1 / k for k in n) / 3:.2f} | "
+           f"{sum((2 * (k - 1) + 4) / k for k in n) / 3:.1f} |")
+    assert row in text.splitlines(), text
+    assert len(text.splitlines()) == 3  # no other run has draws
