@@ -44,8 +44,10 @@ def test_expand_names_each_run_and_its_resources(tmp_path):
     assert all(r.out == tmp_path / r.name and r.state == "new" and r.gpus == 0 and r.cpus == 1 for r in runs)
     assert all(r.memory >= 2 * 2**30 for r in runs)
     gen, train = runs[0].tokens_generate, runs[0].tokens_train
-    assert gen == 2 * (16 * 2) * 12 + 3 * 8 * 12  # 2 iterations x 16 prompts x budget 2 x 12 tokens + 3 evaluations
-    assert train == 2 * 32 * (100 + 12)
+    assert gen == 2 * 16 * 12 + 3 * 8 * 12  # 2 iterations x 16 prompts x budget 1 x 12 tokens + 3 evaluations
+    assert train == 2 * 16 * (100 + 12)
+    two = sweep.expand([str(TINY)], tmp_path, seeds=[257], schemes=["pps"], overrides=["estep.budget=2"])
+    assert two[0].tokens_generate == 2 * (16 * 2) * 12 + 3 * 8 * 12  # PPS with M = 2: up to two hinted draws each
     gpu = sweep.expand([str(TINY)], tmp_path, seeds=[1], overrides=["run.mesh=data=2,fsdp=2"], cluster_has_gpus=True)
     assert gpu[0].gpus == 4  # the mesh names every axis: its device count
     assert sweep.expand([str(TINY)], tmp_path, cluster_has_gpus=True)[0].gpus == 1
