@@ -356,12 +356,13 @@ class Sweep:
         return 1 if self.failed else 0
 
 
-def _task(progress, name: str, config: dict, out: str) -> dict:
-    """The Ray task of one run: say it started (a retried task says so again), then run it."""
-    import ray
-
-    ray.get(progress.start.remote(name))
-    return run_one(config, out)
+def _task(progress, name: str, config: dict, out: str, body=None) -> dict:
+    """The Ray task of one run: say it started (a retried task says so again), then run it
+    (`body`, run_one unless a test gives another). The start is told without waiting for the
+    answer: a task blocked in ray.get lends its CPUs back to Ray meanwhile, and Ray would start
+    a queued run in them (three runs at once on a 2-CPU cluster)."""
+    progress.start.remote(name)
+    return (body or run_one)(config, out)
 
 
 def _one_line(e: BaseException) -> str:

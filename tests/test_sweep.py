@@ -131,6 +131,33 @@ def _workers_running(name: str) -> list[int]:
     return pids
 
 
+def test_a_run_keeps_its_cpu_until_it_ends(tmp_path):
+    """On a 1-CPU local cluster, three runs (each a 2-second body here) go one after another:
+    a run must not hand its CPU back to Ray while it works (a ray.get inside the task would,
+    letting a queued run start beside it)."""
+    _ray_or_skip()
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}})
+    try:
+        def body(config, out):
+            import time as t
+
+            t0 = t.time()
+            t.sleep(2)
+            return {"span": (t0, t.time())}
+
+        progress = ray.remote(num_cpus=0)(sweep.Started).remote()
+        task = ray.remote(max_calls=1)(sweep._task)
+        refs = [task.options(num_cpus=1).remote(progress, f"run{i}", {}, str(tmp_path), body=body) for i in range(3)]
+        spans = sorted(ray.get(r)["span"] for r in refs)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # no two at once
+        assert sorted(ray.get(progress.started.remote())) == ["run0", "run1", "run2"]
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
 def test_sweep_on_a_local_ray_cluster_survives_a_killed_worker(tiny_cache, tmp_path):
     _ray_or_skip()
