@@ -294,10 +294,7 @@ class Trainer:
         else:
             self.param_shardings = None
             self.batch_sharding = None
-            # committed to a device, like the step's outputs: the step compiles once, not twice
-            params = jax.device_put(params, jax.devices()[0])
-        # a private copy: the step donates its buffers, which the engine or base weights may share
-        self.params = jax.tree.map(jnp.copy, params)
+        self.params = self._own(params)
         self.ref_params = ref_params
         self._init = jax.jit(self.tx.init, out_shardings=self._opt_shardings(params))
         self.opt_state = None  # created by the first step or reset_optimizer: twice the parameters' size
@@ -305,7 +302,17 @@ class Trainer:
         self.spec = StepSpec(model_cfg, cfg, mesh, remat, temperature if spec.tempered else 1.0)
 
     def _opt_shardings(self, params):
-        return None if self.mesh is None else opt_shardings(self.tx, params, self.param_shardings, self.mesh)
+        if self.mesh is None:  # committed to the device, as the step's outputs are
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return opt_shardings(self.tx, params, self.param_shardings, self.mesh)
+
+    def _own(self, params):
+        """A private copy (the step donates its buffers, which the engine or the base weights
+        may share), committed to the parameters' shardings or the device as the step's
+        outputs are: an argument that is uncommitted in one call and committed in the next
+        compiles the step again (jit keys on the arguments' shardings)."""
+        target = self.param_shardings or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.device_put(jax.tree.map(jnp.copy, params), target)
 
     def reset_optimizer(self) -> None:
         self.opt_state = None
@@ -322,15 +329,15 @@ class Trainer:
         self.opt_state = None
 
     def set_params(self, params) -> None:
-        if self.param_shardings is not None:
-            params = jax.device_put(params, self.param_shardings)
-        self.params = jax.tree.map(jnp.copy, params)
+        self.params = self._own(params)
 
     def set_lr(self, lr: float) -> None:
         if self.opt_state is None:
             self.reset_optimizer()
         state = self.opt_state[-1] if isinstance(self.opt_state, tuple) and self.cfg.grad_clip > 0 else self.opt_state
-        state.hyperparams["learning_rate"] = jnp.asarray(lr, state.hyperparams["learning_rate"].dtype)
+        old = state.hyperparams["learning_rate"]
+        # placed as the old value was: a fresh uncommitted scalar would compile the step again
+        state.hyperparams["learning_rate"] = jax.device_put(jnp.asarray(lr, old.dtype), old.sharding)
 
     def _put(self, batch: dict[str, np.ndarray]):
         if self.batch_sharding is None:

@@ -168,3 +168,23 @@ def test_one_update_without_old_log_probs_is_the_update_with_them():
     assert m_dropped["grad_norm"] == pytest.approx(m_filled["grad_norm"], rel=1e-4)
     for k in filled.params:
         np.testing.assert_allclose(dropped.params[k], filled.params[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_of_a_shape_seen_before_does_not_compile_again():
+    """The learning rate of a new iteration, a new Trainer (the next run of a sweep, a
+    restart from the base model) and a reset optimizer reuse the compiled step: only a new
+    padded length (or micro-batch layout) compiles."""
+    from fem_jax.mstep import train_step
+
+    cfg = MStepCfg(objective="fem", batch_size=4, micro_batch_size=2, length_bucket=16, lr_start=1e-3, lr_end=1e-4)
+    tr = Trainer(CFG, params(), cfg)
+    tr.train([batch(cfg, seed=0)])
+    seen = train_step._cache_size()
+    tr.set_lr(5e-4)
+    tr.train([batch(cfg, seed=1), batch(cfg, seed=2)])
+    tr.reset_optimizer()
+    tr.train([batch(cfg, seed=3)])
+    Trainer(CFG, params(), cfg).train([batch(cfg, seed=4)])
+    assert train_step._cache_size() == seen
+    tr.train([batch(dataclasses.replace(cfg, length_bucket=32), seed=5)])  # a longer padded length
+    assert train_step._cache_size() == seen + 1
