@@ -268,6 +268,11 @@ def opt_shardings(tx, params, p_shardings, mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
+def _device_sharding() -> jax.sharding.SingleDeviceSharding:
+    """Where a trainer without a mesh keeps its arrays (committed, as the step's outputs are)."""
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 class Trainer:
     """Holds parameters and optimizer state; runs jitted optimizer steps.
 
@@ -303,7 +308,7 @@ class Trainer:
 
     def _opt_shardings(self, params):
         if self.mesh is None:  # committed to the device, as the step's outputs are
-            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return _device_sharding()
         return opt_shardings(self.tx, params, self.param_shardings, self.mesh)
 
     def _own(self, params):
@@ -311,7 +316,7 @@ class Trainer:
         may share), committed to the parameters' shardings or the device as the step's
         outputs are: an argument that is uncommitted in one call and committed in the next
         compiles the step again (jit keys on the arguments' shardings)."""
-        target = self.param_shardings or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = self.param_shardings or _device_sharding()
         return jax.device_put(jax.tree.map(jnp.copy, params), target)
 
     def reset_optimizer(self) -> None:
@@ -321,7 +326,7 @@ class Trainer:
     def opt_state_like(self):
         """The optimizer state's shapes, dtypes and shardings (to restore one into)."""
         abstract = jax.eval_shape(self._init, self.params)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = _device_sharding()
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device), abstract)
 
     def drop_optimizer(self) -> None:

@@ -446,6 +446,14 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+def read_runs(paths: Sequence[str | Path]) -> list["Run"]:
+    """Every run folder at or below `paths` (find_runs), read; an error when there is none."""
+    folders = find_runs(paths)
+    if not folders:
+        raise ReportError(f"no run folders (config.yaml + metrics.jsonl) under {', '.join(map(str, paths))}")
+    return [read_run(f) for f in folders]
+
+
 def _need(cfg: Mapping, dotted: str, path: Path, types=(str,)):
     node = cfg
     for part in dotted.split("."):
@@ -775,8 +783,8 @@ def render_tables(data: Mapping) -> str:
             out.append("\nPaired by seed (difference of the two columns' scores per seed; mean ± s.e.; "
                        "two-sided paired t-test, df = seeds - 1):\n")
             for c in t["paired"]:
-                where = c["model"] + " · " + (_row_label(c, fem) if not fem or c["metric"] or c.get("variant")
-                                              else c["task"])
+                label = _row_label(c, fem)
+                where = c["model"] + " · " + (c["task"] if label == "–" else label)
                 se = f" ± {scale * c['diff_se']:.{digits}f}" if c["diff_se"] is not None else ""
                 per = ", ".join(f"{s}: {scale * v:+.{digits}f}" for s, v in c["diff_per_seed"].items())
                 out.append(f"- {where}: {column_label(c['a'])} − {column_label(c['b'])} = "
@@ -797,10 +805,7 @@ def paper_table(paths: Sequence[str | Path], out: Path | None = None, plots: boo
     """Read the run folders under `paths`, return (markdown, numbers); with `out`, write
     table.md, table.json and one comparison figure per table row over its columns and seeds:
     curves-MODEL-TASK[-METRIC].png (FEM), steps-MODEL-TASK[-METRIC].png (step loop)."""
-    folders = find_runs(paths)
-    if not folders:
-        raise ReportError(f"no run folders (config.yaml + metrics.jsonl) under {', '.join(map(str, paths))}")
-    runs = [read_run(f) for f in folders]
+    runs = read_runs(paths)
     data = paper_tables(runs)
     text = render_tables(data)
     if out is not None:
@@ -886,8 +891,7 @@ def pairs_table(paths: Sequence[str | Path]) -> str:
     the share cut at the token limit, and their mean length in words."""
     from .estep import read_draws
 
-    folders = find_runs(paths)
-    runs = [r for r in (read_run(f) for f in folders) if not r.steps]
+    runs = [r for r in read_runs(paths) if not r.steps]
     if not runs:
         raise ReportError(f"no FEM run folders (config.yaml + metrics.jsonl) under {', '.join(map(str, paths))}")
     _columns(runs)
@@ -942,14 +946,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(pairs_table(args.runs))
             return 0
         if args.cmd == "summary":
-            folders = find_runs(args.runs)
-            if not folders:
-                raise ReportError(f"no run folders (config.yaml + metrics.jsonl) under {', '.join(args.runs)}")
-            for f in folders:
-                run = read_run(f)
+            for run in read_runs(args.runs):
                 _columns([run])
-                write_summary(run.rows, f, title=_title(run))
-                print(f / "summary.md")
+                write_summary(run.rows, run.folder, title=_title(run))
+                print(run.folder / "summary.md")
             return 0
         text, data = paper_table(args.runs, args.out, plots=not args.no_plots)
     except ReportError as e:
