@@ -131,15 +131,18 @@ def _workers_running(name: str) -> list[int]:
     return pids
 
 
-def test_a_run_keeps_its_cpu_until_it_ends(tmp_path):
+def test_a_run_keeps_its_cpu_until_it_ends(tmp_path, monkeypatch):
     """On a 1-CPU local cluster, three runs (each a 2-second body here) go one after another:
     a run must not hand its CPU back to Ray while it works (a ray.get inside the task would,
     letting a queued run start beside it)."""
     _ray_or_skip()
     import ray
 
+    # the driver, its raylet and the workers must agree on authentication: with the mode set
+    # for the workers alone, a driver that enables tokens (Ray's default) never sees a worker start
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
         def body(config, out):
             import time as t
