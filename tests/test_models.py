@@ -212,6 +212,23 @@ def test_bfloat16_close_to_float32(built):
     assert_close(out, hf_logits(hf, ids), 5e-2, "bf16 logits")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the float32-accumulated form is the CPU's")
+def test_bfloat16_weight_matmuls_accumulate_in_float32_on_cpu(built):
+    """XLA's CPU backend runs bfloat16 products on the CPU's bfloat16 instructions only in the
+    float32-output form (benchmarks/cpu_dots.py), so every weight matmul of a bfloat16 forward
+    is written that way: the one bfloat16-output product left is attention's weights x values."""
+    import re
+
+    _, folder, _ = built("qwen2-gqa2")
+    bf = from_pretrained(folder, dtype="bfloat16")
+    ids = _ids(2, 10)
+    text = jax.jit(lambda p, i: forward(bf.cfg, p, i)[0]).lower(bf.param_dict(), ids).as_text()
+    dots = re.findall(r"stablehlo\.dot_general .*: \((tensor<[^)]*)\) -> tensor<[0-9x]*x(\w+)>", text)
+    assert len(dots) >= 9  # q, k, v, o, gate, up, down, attention's two, the vocabulary projection
+    assert all("bf16" in operands for operands, _ in dots)
+    assert [out for _, out in dots].count("bf16") == 1, dots
+
+
 # ----------------------------------------------------------------------------- save / load
 
 
