@@ -7,10 +7,11 @@ Times one MLP block (gate, up, down projections and SiLU) written three ways, ea
 at each row count (6,144 rows: a prefill of 128 prompts of 48 tokens or a training batch;
 64: one decode step of a 64-row batch):
 - `float32`: float32 in, float32 out, as the model computes in float32;
-- `bfloat16`: bfloat16 in, bfloat16 out, as the model's einsums compute with bfloat16
-  weights today (`model.dtype` or `mstep.compute_dtype` bfloat16);
+- `bfloat16`: bfloat16 in, bfloat16 out, a plain einsum (the model's weight matmuls on
+  other backends, and on a CPU before `transformer.project`);
 - `bfloat16, float32 out`: bfloat16 in, each product accumulated into float32
-  (`preferred_element_type`) and rounded to bfloat16 after, as GPUs' bfloat16 matmuls do.
+  (`preferred_element_type`) and rounded to bfloat16 after, as GPUs' bfloat16 matmuls do
+  and as `transformer.project` computes on a CPU.
 Prints GFLOP/s and each way's speed as a ratio to float32 in the same run. On a CPU whose
 bfloat16 dot instructions XLA uses (AVX-512 BF16, AMX), the third way is the fast one;
 the second may be no faster than float32.
@@ -78,12 +79,11 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs (bfloat16 instructions: {_bf16_flags()}) · best of {a.repeat}")
     print("| rows | way | ms | GFLOP/s | speed vs float32 |")
     print("|---:|---|---:|---:|---:|")
-    key = jax.random.PRNGKey(0)
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)  # the same numbers in every case
     for rows in (int(r) for r in a.rows.split(",")):
         flops = 2 * rows * a.d * a.f * 3
         base = None
         for name, dtype, out in ways:
-            k1, k2, k3, k4 = jax.random.split(key, 4)
             args = (jax.random.normal(k1, (1, rows, a.d), dtype),
                     (jax.random.normal(k2, (a.d, a.f)) * 0.02).astype(dtype),
                     (jax.random.normal(k3, (a.d, a.f)) * 0.02).astype(dtype),
